@@ -1,0 +1,100 @@
+"""Gaussian-mixture inverse problems with exact posteriors (exact_posterior.md §0-§2).
+
+MCGdiff protocol ("mcgdiff"): 25 unit-covariance components with means (-8i, -8j, -8i, -8j, ...) for
+(i, j) in {-2..2}^2, weights w_k ∝ eps_k^2 drawn once per dx; per problem A = U S' V^T with the singular values of a
+Gaussian matrix replaced by dy sorted U(0, 1) values, sigma_y = u * max(S'), x* ~ prior, y = A x* + sigma_y n.
+TMPD variant ("tmpd"): equal weights and a fixed sigma_y.
+
+Seeds (documented, collision-free for dy < 10 and < 100 problems): weights from ``seed * 10**6 + dx * 1000``,
+problem i from ``seed * 10**6 + dx * 1000 + dy * 100 + i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffinv_pl.operators.matrix import MatrixOperator, random_svd_matrix
+from diffinv_pl.priors.analytic import GaussianMixture
+
+PROTOCOLS = ("mcgdiff", "tmpd")
+
+
+def grid_means(dim: int, spacing: float = 8.0) -> Tensor:
+    """The 25 component means (-s i, -s j, -s i, -s j, ...) for (i, j) in {-2..2}^2, shape (25, dim), float64."""
+    if dim < 2 or dim % 2:
+        raise ValueError(f"the grid mixture needs an even dimension >= 2, got {dim}")
+    ij = torch.tensor([(i, j) for i in range(-2, 3) for j in range(-2, 3)], dtype=torch.float64)
+    return (-spacing * ij).repeat(1, dim // 2)
+
+
+def grid_prior(dim: int, protocol: str, seed: int = 0) -> GaussianMixture:
+    """The benchmark prior for one dimension: chi^2_1 weights (mcgdiff) or equal weights (tmpd), identity covariances."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown GMM protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if protocol == "mcgdiff":
+        gen = torch.Generator().manual_seed(seed * 10**6 + dim * 1000)
+        weights = torch.randn(25, generator=gen, dtype=torch.float64) ** 2
+    else:
+        weights = torch.ones(25, dtype=torch.float64)
+    return GaussianMixture.isotropic(weights, grid_means(dim), variance=1.0)
+
+
+@dataclass
+class GMMProblemSet:
+    """P inverse problems sharing one prior: y[p] = A[p] x_true[p] + sigma_y[p] n."""
+
+    prior: GaussianMixture
+    operator: MatrixOperator
+    y: Tensor  # (P, 1, dy): broadcasts against (P, n, dy) operator outputs for n samples per problem
+    sigma_y: Tensor  # (P,)
+    x_true: Tensor  # (P, dx)
+    posterior: GaussianMixture  # exact p(x0 | y), batched over the P problems
+
+    @property
+    def num_problems(self) -> int:
+        return self.x_true.shape[0]
+
+
+def make_gmm_problems(
+    dim: int,
+    dim_y: int,
+    num_problems: int = 20,
+    protocol: str = "mcgdiff",
+    sigma_y: float | None = None,
+    seed: int = 0,
+) -> GMMProblemSet:
+    """Build ``num_problems`` problems of one (dx, dy) cell of the MCGdiff or TMPD protocol (module docstring)."""
+    if protocol == "tmpd" and (sigma_y is None or sigma_y <= 0):
+        raise ValueError("the tmpd protocol needs a fixed sigma_y > 0 (the TMPD grid uses 0.01, 0.1, 1.0)")
+    if protocol == "mcgdiff" and sigma_y is not None:
+        raise ValueError("the mcgdiff protocol draws sigma_y = u * max(singular value); leave sigma_y unset")
+    if not 0 < dim_y <= dim or dim_y >= 10:
+        raise ValueError(f"need 0 < dy <= dx and dy < 10, got dx={dim}, dy={dim_y}")
+    if not 0 < num_problems < 100:
+        raise ValueError(f"num_problems must be in 1..99, got {num_problems}")
+    prior = grid_prior(dim, protocol, seed)
+    mats, ys, noise_levels, xs = [], [], [], []
+    for i in range(num_problems):
+        gen = torch.Generator().manual_seed(seed * 10**6 + dim * 1000 + dim_y * 100 + i)
+        A = random_svd_matrix(dim_y, dim, gen)
+        if protocol == "mcgdiff":
+            noise = torch.rand((), generator=gen, dtype=torch.float64) * torch.linalg.matrix_norm(A, ord=2)
+        else:
+            noise = torch.tensor(float(sigma_y), dtype=torch.float64)
+        x = prior.sample(1, gen)[0, 0]
+        mats.append(A)
+        noise_levels.append(noise)
+        xs.append(x)
+        ys.append(A @ x + noise * torch.randn(dim_y, generator=gen, dtype=torch.float64))
+    A, y, sig = torch.stack(mats), torch.stack(ys), torch.stack(noise_levels)
+    return GMMProblemSet(
+        prior=prior,
+        operator=MatrixOperator(A),
+        y=y[:, None, :],
+        sigma_y=sig,
+        x_true=torch.stack(xs),
+        posterior=prior.posterior(A, y, sig),
+    )

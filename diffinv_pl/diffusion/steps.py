@@ -1,0 +1,58 @@
+"""One reverse-diffusion step, written in the normalised (variance-exploding) coordinates x = x0 + sigma n.
+
+DDIM with eta (Song et al. 2021), in VP form
+    x_{t'} = sqrt(abar') x0_hat + sqrt(1 - abar' - c^2) eps_hat + c z,
+    c = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'),
+is, after dividing by sqrt(abar'), the step
+    x' = x0_hat + sqrt(sigma'^2 - c_ve^2) eps_hat + c_ve z,   c_ve^2 = eta^2 sigma'^2 (sigma^2 - sigma'^2) / sigma^2,
+with eps_hat = (x - x0_hat) / sigma. eta = 1 is the DDPM ancestral step (its posterior variance beta_tilde equals c^2),
+eta = 0 is deterministic DDIM (the probability-flow Euler step in sigma), and with s = 1 it is k-diffusion's
+Euler-ancestral step on an EDM grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def ddim_noise_levels(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    """Split sigma_next into the deterministic part and the fresh-noise part of a DDIM(eta) step.
+
+    Returns (sigma_down, sigma_up) with sigma_down^2 + sigma_up^2 = sigma_next^2 and
+    sigma_up = min(sigma_next, eta sigma_next sqrt(sigma^2 - sigma_next^2) / sigma).
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    sigma_up = eta * sigma_next * (sigma**2 - sigma_next**2).clamp(min=0).sqrt() / sigma
+    sigma_up = torch.minimum(sigma_up, sigma_next)
+    sigma_down = (sigma_next**2 - sigma_up**2).clamp(min=0).sqrt()
+    return sigma_down, sigma_up
+
+
+def ddim_step(
+    x: Tensor,
+    denoised: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    eta: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DDIM(eta) step from noise level sigma to sigma_next in normalised coordinates (see module docstring).
+
+    Args:
+        x: current state x = x0 + sigma n.
+        denoised: D(x, sigma), the estimate of E[x0 | x].
+        sigma, sigma_next: current and next noise levels (scalars), sigma > sigma_next >= 0.
+        eta: 0 deterministic DDIM, 1 DDPM ancestral.
+        generator: source of the fresh noise z.
+    """
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    sigma_next = torch.as_tensor(sigma_next, dtype=x.dtype, device=x.device)
+    sigma_down, sigma_up = ddim_noise_levels(sigma, sigma_next, eta)
+    # denoised + sigma_down * (x - denoised) / sigma, in one pass
+    out = torch.lerp(denoised, x, (sigma_down / sigma).to(x.dtype))
+    if eta > 0 and float(sigma_up) > 0:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        out = out.add_(noise, alpha=float(sigma_up))
+    return out

@@ -1,0 +1,18 @@
+"""Posterior samplers on one contract (see :mod:`diffinv_pl.solvers.base`) and their registry."""
+
+from diffinv_pl.solvers.base import InverseProblem, Solver, SolverCost, SolverResult
+from diffinv_pl.solvers.diffusion_posterior_sampling import dps
+from diffinv_pl.solvers.exact_oracle import oracle
+
+SOLVERS: dict[str, Solver] = {"dps": dps, "oracle": oracle}
+
+
+def get_solver(name: str) -> Solver:
+    """Solver function by registry name; unknown names raise with the list of valid ones."""
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(sorted(SOLVERS))}") from None
+
+
+__all__ = ["SOLVERS", "InverseProblem", "Solver", "SolverCost", "SolverResult", "dps", "get_solver", "oracle"]
