@@ -31,6 +31,30 @@ from diffinv_pl.solvers.base import (
 NORMS = ("l2", "l2_squared")
 
 
+def dps_guidance(
+    problem: InverseProblem,
+    denoiser: Denoiser,
+    x: Tensor,
+    scale: float,
+    sigma: float,
+    norm: str = "l2",
+    clip_denoised: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPS guidance at state x = s (x0 + sigma n): returns (grad_x loss, x0_hat, per-sample residual norms).
+
+    loss = sum_b ||y - A(x0_hat_b)|| (``l2``) or its square (``l2_squared``), x0_hat = D(x / s, sigma), so that
+    grad = J_D^T A^T (A x0_hat - y) / (s ||A x0_hat - y||) per sample for ``l2``.
+    """
+    x = x.detach().requires_grad_(True)
+    denoised = denoiser(x / scale, torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
+    if clip_denoised is not None:
+        denoised = denoised.clamp(*clip_denoised)
+    residual = problem.operator.residual_norm(problem.y - problem.operator(denoised))
+    loss = residual.sum() if norm == "l2" else residual.pow(2).sum()
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad, denoised.detach(), residual.detach()
+
+
 def dps(
     problem: InverseProblem,
     denoiser: Denoiser,
@@ -56,19 +80,11 @@ def dps(
         x = x_init
         for i in range(grid.num_steps):
             sigma, sigma_next, s, s_next = sigmas[i], sigmas[i + 1], scales[i], scales[i + 1]
-            x = x.detach().requires_grad_(True)
-            x_norm = x / s
-            denoised = counted(x_norm, torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
-            if clip_denoised is not None:
-                denoised = denoised.clamp(*clip_denoised)
-            residual = problem.operator.residual_norm(problem.y - problem.operator(denoised))
-            loss = residual.sum() if norm == "l2" else residual.pow(2).sum()
-            check_finite(loss, "DPS residual", i, sigma, "the denoiser or operator produced NaN; check the inputs")
-            (grad,) = torch.autograd.grad(loss, x)
-            x_next = ddim_step(x_norm.detach(), denoised.detach(), sigma, sigma_next, eta, generator)
+            grad, denoised, residual = dps_guidance(problem, counted, x, s, sigma, norm, clip_denoised)
+            check_finite(grad, "DPS guidance gradient", i, sigma, "the denoiser or operator produced NaN; check the inputs")
+            x_next = ddim_step(x / s, denoised, sigma, sigma_next, eta, generator)
             x = torch.add(x_next.mul_(s_next), grad, alpha=-zeta)
             check_finite(x, "DPS state", i, sigma, f"reduce zeta (now {zeta}) or use norm=l2")
             if callback is not None:
-                callback({"step": i, "sigma": sigma, "x": x, "denoised": denoised.detach(), "residual": residual.detach()})
-        samples = x.detach()
-    return SolverResult(samples, cost)
+                callback({"step": i, "sigma": sigma, "x": x, "denoised": denoised, "residual": residual})
+    return SolverResult(x, cost)
