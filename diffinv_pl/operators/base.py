@@ -14,6 +14,12 @@ import torch
 from torch import Tensor, nn
 
 
+def _has_event_shape(t: Tensor, event_shape: tuple[int, ...]) -> bool:
+    """True when the trailing dimensions of t are exactly event_shape."""
+    n = len(event_shape)
+    return t.ndim >= n and tuple(t.shape[t.ndim - n:]) == tuple(event_shape)
+
+
 class ForwardOperator(nn.Module, ABC):
     """Base class: subclasses set ``in_shape``/``out_shape`` and implement ``_forward``."""
 
@@ -31,8 +37,7 @@ class ForwardOperator(nn.Module, ABC):
 
     def check_input(self, x: Tensor) -> None:
         """Raise a clear error for a signal of the wrong event shape."""
-        n = len(self.in_shape)
-        if x.ndim < n or tuple(x.shape[x.ndim - n:]) != tuple(self.in_shape):
+        if not _has_event_shape(x, self.in_shape):
             raise ValueError(
                 f"{type(self).__name__} expects inputs of shape (..., {', '.join(map(str, self.in_shape))}), "
                 f"got {tuple(x.shape)}"
@@ -40,8 +45,7 @@ class ForwardOperator(nn.Module, ABC):
 
     def check_measurement(self, y: Tensor) -> None:
         """Raise a clear error for a measurement of the wrong event shape or with non-finite values."""
-        n = len(self.out_shape)
-        if y.ndim < n or tuple(y.shape[y.ndim - n:]) != tuple(self.out_shape):
+        if not _has_event_shape(y, self.out_shape):
             raise ValueError(
                 f"measurement has shape {tuple(y.shape)} but {type(self).__name__} produces (..., "
                 f"{', '.join(map(str, self.out_shape))}); check the operator and data configuration"
@@ -94,8 +98,7 @@ class LinearOperator(ForwardOperator):
         return _LinearApply.apply(x, self)
 
     def adjoint(self, y: Tensor) -> Tensor:
-        n = len(self.out_shape)
-        if y.ndim < n or tuple(y.shape[y.ndim - n:]) != tuple(self.out_shape):
+        if not _has_event_shape(y, self.out_shape):
             raise ValueError(f"{type(self).__name__}.adjoint expects (..., {self.out_shape}), got {tuple(y.shape)}")
         self.adjoint_calls += 1
         return self._adjoint(y)
