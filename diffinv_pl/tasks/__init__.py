@@ -1,1 +1,1 @@
-"""Tasks: what ``evaluate.py``/``train.py`` run (the GMM exact-posterior benchmark; Lightning tasks come later)."""
+"""Tasks run by the entry points: the GMM exact-posterior benchmark (evaluate.py) and EDM denoiser training (train.py)."""
