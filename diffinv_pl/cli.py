@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONFIG_PATH = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -45,6 +45,11 @@ def run_evaluation(cfg: DictConfig) -> list[dict]:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 def evaluate_main(cfg: DictConfig) -> None:
     _offline_defaults()
+    if cfg.get("task") is not None and "command" in cfg.task:  # record how the results were produced
+        from hydra.core.hydra_config import HydraConfig
+
+        with open_dict(cfg):
+            cfg.task.command = " ".join(["python evaluate.py", *HydraConfig.get().overrides.task])
     run_evaluation(cfg)
 
 

@@ -198,7 +198,7 @@ def markdown_table(table: list[dict[str, Any]], bench: GMMPosteriorBenchmark) ->
         f"GMM exact-posterior benchmark, protocol {bench.protocol}: {bench.num_problems} problems per cell, "
         f"n = {bench.num_samples} samples per set, SW1 with {bench.num_directions} directions (same for all samplers "
         f"of a cell); sampling in {str(bench.dtype).removeprefix('torch.')}; mean ± 1.96 std/sqrt(problems); "
-        f"floor = exact vs exact.\n"
+        f"floor = exact vs exact; {torch.get_num_threads()} torch threads.\n"
     )
     if bench.command:
         head += f"\nCommand: `{bench.command}`\n"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Reproduce the committed GMM exact-posterior tables (2 CPU cores; see README.md in this folder).
+#   bash experiments/gmm_posterior/run.sh            # MCGdiff table, then the TMPD variant
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+out=experiments/gmm_posterior
+/usr/bin/time -f "wall %e s, max RSS %M KB" .venv/bin/python evaluate.py experiment=gmm_table \
+    paths.output_dir="$out/mcgdiff" 2>&1 | tee "$out/mcgdiff.log"
+/usr/bin/time -f "wall %e s, max RSS %M KB" .venv/bin/python evaluate.py experiment=gmm_tmpd \
+    paths.output_dir="$out/tmpd" 2>&1 | tee "$out/tmpd.log"
