@@ -148,3 +148,16 @@ def test_denoiser_rejects_nonpositive_sigma():
     with pytest.raises(ValueError, match="sigma must be finite and > 0"):
         GaussianMixture.gaussian(torch.zeros(2), torch.eye(2)).denoise(torch.zeros(1, 2, dtype=torch.float64), -1.0)
     assert math.isfinite(float(edm_sigmas(2)[0]))
+
+
+def test_mcgdiff_decreasing_schedule_ends_at_abar_one():
+    """MCGdiff's decreasing betas (with abar_0 = 1): the t = 0 point is the final clean point, not a sigma = 0 step."""
+    betas = make_betas("mcgdiff_decreasing")
+    assert betas[0] == 0 and betas[1].item() == pytest.approx(0.02) and betas[-1].item() == pytest.approx(1e-4)
+    grid = vp_grid(100, "mcgdiff_decreasing")
+    assert grid.num_steps == 99 and bool((grid.sigmas[:-1] > 0).all())
+    abar = alpha_bar_from_betas(betas)
+    assert abar[0] == 1 and abar[1].item() == pytest.approx(0.98)
+    # the last noisy point of the 100-step respacing is t = 10: sigma ~ 0.47, a large final jump to sigma = 0
+    assert grid.sigmas[-2].item() == pytest.approx(sigma_from_alpha_bar(abar[10]).item(), rel=1e-12)
+    assert grid.sigmas[-2].item() > 0.4
