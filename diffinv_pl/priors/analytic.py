@@ -249,8 +249,8 @@ class GaussianMixture:
         return self.log_weights[:, None] + log_norm, proj, (lam_perp, lam)
 
     def _mix_affine(
-        self, fn: EigenFn, xf: Tensor, resp: Tensor, proj: Tensor, eig: tuple[Tensor, Tensor], scale: Tensor
-    ) -> tuple[Tensor, Tensor]:
+        self, fn: EigenFn, resp: Tensor, proj: Tensor, eig: tuple[Tensor, Tensor], scale: Tensor
+    ) -> tuple[Tensor, Tensor | float]:
         """scale * sum_k r_k fn(Sigma_k + sigma^2 I) (x - mu_k) written as c * x + lin with c of shape (P, M, 1).
 
         Works through projections on W_k and the means only, never forming (P, M, K, d) tensors; ``scale`` (P, M)
@@ -258,16 +258,16 @@ class GaussianMixture:
         """
         lam_perp, lam = eig
         resp = resp * scale[..., None]
-        W = self.cov.W
         if self.cov.full:
-            coef, c = resp[..., None] * fn(lam) * proj, torch.zeros_like(scale)[..., None]
-        else:
+            coef = resp[..., None] * fn(lam) * proj
+            c, lin = torch.zeros_like(scale)[..., None], 0.0
+        else:  # the complement of range(W_k) contributes fn(lam_perp) (x - mu_k)
             g_perp = fn(lam_perp)
             rg = resp * g_perp
             coef = resp[..., None] * (fn(lam) - g_perp[..., None]) * proj
-            c = rg.sum(-1, keepdim=True)
-        lin = torch.einsum("pmk,pkd->pmd", -rg, self.means) if not self.cov.full else 0.0
+            c, lin = rg.sum(-1, keepdim=True), torch.einsum("pmk,pkd->pmd", -rg, self.means)
         if self.cov.rank > 0:
+            W = self.cov.W
             back = torch.einsum("pmkr,pdr->pmd", coef, W[:, 0]) if self.cov.shared else torch.einsum("pmkr,pkdr->pmd", coef, W)
             lin = back + lin
         return c, lin
@@ -290,7 +290,7 @@ class GaussianMixture:
         xf = self._flatten(x)
         s2 = self._sigma2(sigma, x, xf, allow_zero=True)
         log_joint, proj, eig = self._log_joint(xf, s2)
-        c, lin = self._mix_affine(torch.reciprocal, xf, torch.softmax(log_joint, -1), proj, eig, -torch.ones_like(s2))
+        c, lin = self._mix_affine(torch.reciprocal, torch.softmax(log_joint, -1), proj, eig, -torch.ones_like(s2))
         return (c * xf + lin).reshape(x.shape)
 
     def denoise(self, x: Tensor, sigma: Tensor | float) -> Tensor:
@@ -298,7 +298,7 @@ class GaussianMixture:
         xf = self._flatten(x)
         s2 = self._sigma2(sigma, x, xf, allow_zero=False)
         log_joint, proj, eig = self._log_joint(xf, s2)
-        c, lin = self._mix_affine(torch.reciprocal, xf, torch.softmax(log_joint, -1), proj, eig, -s2)
+        c, lin = self._mix_affine(torch.reciprocal, torch.softmax(log_joint, -1), proj, eig, -s2)
         return torch.addcmul(lin, xf, 1.0 + c).reshape(x.shape)
 
     __call__ = denoise
