@@ -135,3 +135,11 @@ def test_bad_problem_inputs_fail_before_sampling():
         dps(problem, prior, torch.zeros(2, 5, dtype=F64), grid=vp_grid(5))
     with pytest.raises(TypeError, match="GaussianMixture prior"):
         oracle(problem, lambda x, s: x, torch.zeros(2, 4, dtype=F64), grid=vp_grid(5))
+
+
+def test_dps_gradient_is_zero_not_nan_at_a_zero_residual():
+    """Regression: sqrt(sum r^2) has a NaN gradient at r = 0 (seen in float32 on the TMPD grid, sigma_y = 0.01)."""
+    prior, _ = _small_problem()
+    problem = InverseProblem(torch.zeros(2, dtype=F64), MatrixOperator(torch.zeros(2, 4, dtype=F64)), 0.1)
+    grad, _, residual = dps_guidance(problem, prior, torch.randn(3, 4, dtype=F64), 1.0, 0.5)
+    assert bool((residual == 0).all()) and torch.equal(grad, torch.zeros_like(grad))

@@ -21,10 +21,15 @@ def _has_event_shape(t: Tensor, event_shape: tuple[int, ...]) -> bool:
 
 
 class ForwardOperator(nn.Module, ABC):
-    """Base class: subclasses set ``in_shape``/``out_shape`` and implement ``_forward``."""
+    """Base class: subclasses set ``in_shape``/``out_shape`` and implement ``_forward``.
+
+    ``input_range`` is the signal range the operator is defined on ((0, 1) for PaDIS CT, (-1, 1) for the DPS family,
+    None for plain vectors); convert with :func:`diffinv_pl.operators.ranges.convert_range`.
+    """
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    input_range: tuple[float, float] | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -73,7 +78,9 @@ class ForwardOperator(nn.Module, ABC):
     def residual_norm(self, residual: Tensor) -> Tensor:
         """Euclidean norm over the measurement's event dimensions: shape residual.shape[:-len(out_shape)]."""
         dims = tuple(range(residual.ndim - len(self.out_shape), residual.ndim))
-        return residual.pow(2).sum(dim=dims).sqrt()
+        # vector_norm's gradient at a zero residual is 0; sqrt(sum(r^2)) would give NaN there (and r^2 underflows
+        # to 0 in float32 for |r| < 1e-19).
+        return torch.linalg.vector_norm(residual, dim=dims)
 
 
 class _LinearApply(torch.autograd.Function):
@@ -96,6 +103,66 @@ class LinearOperator(ForwardOperator):
         self.check_input(x)
         self.forward_calls += 1
         return _LinearApply.apply(x, self)
+
+    def norm(self, num_iterations: int = 100, tol: float = 1e-7, generator: torch.Generator | None = None) -> float:
+        """Operator 2-norm ||A|| by the power method on A^T A (cached after the first call)."""
+        cached = getattr(self, "_norm_cache", None)
+        if cached is not None:
+            return cached
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        dtype = next((b.dtype for b in self.buffers() if b.is_floating_point()), torch.float64)
+        device = next((b.device for b in self.buffers()), torch.device("cpu"))
+        v = torch.randn((1, *self.in_shape), generator=gen, dtype=dtype).to(device)
+        v = v / v.norm()
+        estimate = 0.0
+        with torch.no_grad():
+            for _ in range(num_iterations):
+                w = self._adjoint(self._forward(v))
+                new = float(w.norm()) ** 0.5
+                v = w / w.norm()
+                if abs(new - estimate) <= tol * new:
+                    estimate = new
+                    break
+                estimate = new
+        self._norm_cache = estimate
+        return estimate
+
+    def pinv(self, y: Tensor, num_iterations: int = 200, tol: float = 1e-10) -> Tensor:
+        """Least-squares solution argmin ||A x - y|| of minimum norm, by conjugate gradients on A^T A x = A^T y.
+
+        Started from 0, CG stays in range(A^T) and so converges to the minimum-norm solution; it stops when the
+        normal-equation residual falls below ``tol`` relative to ||A^T y||. Operators with a cheap exact inverse
+        (masks, FFT diagonalisable ones) or a better approximate one (FBP for CT) override this.
+        """
+        with torch.no_grad():
+            b = self._adjoint(y)
+            x = torch.zeros_like(b)
+            r = b.clone()
+            p = r.clone()
+            dims = tuple(range(b.ndim - len(self.in_shape), b.ndim))
+            rs = (r * r).sum(dims, keepdim=True)
+            target = tol**2 * rs.clamp(min=torch.finfo(b.dtype).tiny)
+            for _ in range(num_iterations):
+                Ap = self._adjoint(self._forward(p))
+                alpha = rs / (p * Ap).sum(dims, keepdim=True).clamp(min=torch.finfo(b.dtype).tiny)
+                x = x + alpha * p
+                r = r - alpha * Ap
+                rs_new = (r * r).sum(dims, keepdim=True)
+                if bool((rs_new <= target).all()):
+                    break
+                p = r + (rs_new / rs) * p
+                rs = rs_new
+        return x
+
+    def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
+        """(sigma_y^2 I + v A A^T)^-1 y, exact for operators whose A A^T is diagonalisable (CoDPS).
+
+        Operators without such a structure raise a TypeError naming themselves.
+        """
+        raise TypeError(
+            f"{type(self).__name__} has no exact (sigma_y^2 I + v A A^T)^-1; CoDPS needs an operator whose A A^T is "
+            "diagonalisable (identity, masks, FFT convolutions, blur + stride subsampling)"
+        )
 
     def adjoint(self, y: Tensor) -> Tensor:
         if not _has_event_shape(y, self.out_shape):
