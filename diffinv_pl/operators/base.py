@@ -104,8 +104,12 @@ class LinearOperator(ForwardOperator):
         self.forward_calls += 1
         return _LinearApply.apply(x, self)
 
-    def norm(self, num_iterations: int = 100, tol: float = 1e-7, generator: torch.Generator | None = None) -> float:
-        """Operator 2-norm ||A|| by the power method on A^T A (cached after the first call)."""
+    def norm(self, num_iterations: int = 1000, tol: float = 1e-10, generator: torch.Generator | None = None) -> float:
+        """Operator 2-norm ||A|| by the power method on A^T A (cached after the first call).
+
+        Stops when successive estimates agree to ``tol`` relative; convergence is slow when the two largest singular
+        values are close, hence the large default iteration budget (cheap operators) - pass fewer for expensive ones.
+        """
         cached = getattr(self, "_norm_cache", None)
         if cached is not None:
             return cached

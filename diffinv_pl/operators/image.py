@@ -1,0 +1,399 @@
+"""Image forward operators on (..., C, H, W) tensors (methods.md §1.2, §6.4 and §7).
+
+Linear: identity (denoising), blur (Gaussian, motion, uniform) with a ``circular`` or ``reflect`` boundary,
+super-resolution as antialiased bicubic down-sampling (Shocher/DDRM ``Resizer`` semantics) or as blur + stride
+(CoDPS), box and random inpainting masks. Nonlinear: phase retrieval and HDR.
+
+Conventions: a blur *correlates* the image with its kernel, ``y[i] = sum_j k[j] x[i + j - c]`` (torch ``conv2d``,
+as the DPS code family), c the kernel centre. ``circular`` wraps around (exact FFT diagonalisation, so the CoDPS Gram
+inverse and the pseudo-inverse are exact); ``reflect`` pads by reflection as the DPS code does (its Gram inverse uses
+the circulant model, an approximation the CoDPS code makes too). Random parameters (motion kernels, masks) are drawn by
+``sample_params(batch, generator)`` and installed with ``set_params``; a fresh operator holds one draw from its
+``seed``. Parameters with batch 1 apply to every sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffinv_pl.operators.base import ForwardOperator, LinearOperator
+from diffinv_pl.operators.kernels import gaussian_kernel, motion_kernel, uniform_kernel
+
+BOUNDARIES = ("circular", "reflect")
+
+
+def _flatten_images(x: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
+    batch = x.shape[: x.ndim - len(shape)]
+    return x.reshape(-1, *shape), batch
+
+
+class Identity(LinearOperator):
+    """y = x (denoising)."""
+
+    def __init__(self, channels: int = 3, image_size: int = 256, input_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+        super().__init__()
+        self.in_shape = self.out_shape = (channels, image_size, image_size)
+        self.input_range = tuple(input_range)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x.clone()
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return y.clone()
+
+    def pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
+        return y.clone()
+
+    def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
+        return y / (sigma_y**2 + v)
+
+
+class Blur(LinearOperator):
+    """Correlation with a (per-sample) kernel; see the module docstring for boundary models.
+
+    ``kernel`` is (kh, kw) for a fixed blur; subclasses with random kernels hold (B, kh, kw) parameters.
+    """
+
+    def __init__(
+        self,
+        kernel: Tensor,
+        channels: int = 3,
+        image_size: int = 256,
+        boundary: str = "reflect",
+        input_range: tuple[float, float] = (-1.0, 1.0),
+    ) -> None:
+        super().__init__()
+        if boundary not in BOUNDARIES:
+            raise ValueError(f"unknown boundary {boundary!r}; valid: {', '.join(BOUNDARIES)}")
+        kernel = kernel if kernel.ndim == 3 else kernel[None]
+        kh, kw = kernel.shape[-2:]
+        if kh % 2 == 0 or kw % 2 == 0 or kh > image_size or kw > image_size:
+            raise ValueError(f"kernel {kh}x{kw} must be odd-sized and not larger than the {image_size}px image")
+        self.boundary = boundary
+        self.in_shape = self.out_shape = (channels, image_size, image_size)
+        self.input_range = tuple(input_range)
+        self.register_buffer("kernel", kernel.to(torch.float64))
+
+    # -- kernel spectrum: kernel embedded with its centre at (0, 0) of the image grid
+    def _spectrum(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        _, H, W = self.in_shape
+        kh, kw = self.kernel.shape[-2:]
+        grid = torch.zeros(self.kernel.shape[0], H, W, dtype=torch.float64, device=self.kernel.device)
+        grid[:, :kh, :kw] = self.kernel
+        grid = torch.roll(grid, shifts=(-(kh // 2), -(kw // 2)), dims=(-2, -1))
+        spec = torch.fft.fft2(grid)
+        return spec.to(torch.complex128 if dtype == torch.float64 else torch.complex64).to(device)[:, None]
+
+    def _batched(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        flat, batch = _flatten_images(x, self.in_shape)
+        if self.kernel.shape[0] not in (1, flat.shape[0]):
+            raise ValueError(f"{self.kernel.shape[0]} kernels for a batch of {flat.shape[0]} images")
+        return flat, batch
+
+    def _fourier_apply(self, x: Tensor, conj: bool) -> Tensor:
+        flat, batch = self._batched(x)
+        spec = self._spectrum(x.dtype, x.device)
+        spec = spec.conj() if conj else spec
+        return torch.fft.ifft2(torch.fft.fft2(flat) * spec).real.reshape(*batch, *self.in_shape)
+
+    def _reflect_forward(self, x: Tensor) -> Tensor:
+        flat, batch = self._batched(x)
+        C = self.in_shape[0]
+        kh, kw = self.kernel.shape[-2:]
+        padded = F.pad(flat, (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
+        k = self.kernel.to(x.dtype)
+        if k.shape[0] == 1:
+            out = F.conv2d(padded, k[:, None].expand(C, 1, kh, kw), groups=C)
+        else:  # one kernel per sample: fold the batch into the channels
+            B = flat.shape[0]
+            weight = k[:, None, None].expand(B, C, 1, kh, kw).reshape(B * C, 1, kh, kw)
+            out = F.conv2d(padded.reshape(1, B * C, *padded.shape[-2:]), weight, groups=B * C).reshape(B, C, *flat.shape[-2:])
+        return out.reshape(*batch, *self.in_shape)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return self._fourier_apply(x, conj=True) if self.boundary == "circular" else self._reflect_forward(x)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        if self.boundary == "circular":
+            return self._fourier_apply(y, conj=False)
+        _, vjp = torch.func.vjp(self._reflect_forward, torch.zeros_like(y))
+        return vjp(y)[0]
+
+    def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
+        """(sigma_y^2 + v |K^|^2)^-1 in Fourier: exact for ``circular``, the circulant model for ``reflect``."""
+        flat, batch = self._batched(y)
+        power = self._spectrum(y.dtype, y.device).abs() ** 2
+        v = torch.as_tensor(v, dtype=y.dtype, device=y.device).reshape(-1, *([1] * 3)) if torch.is_tensor(v) else v
+        return torch.fft.ifft2(torch.fft.fft2(flat) / (sigma_y**2 + v * power)).real.reshape(*batch, *self.in_shape)
+
+    def pinv(self, y: Tensor, num_iterations: int = 200, tol: float = 1e-10) -> Tensor:
+        """``circular``: the exact pseudo-inverse in Fourier (frequencies with |K^| <= 1e-8 max set to 0);
+        ``reflect``: conjugate gradients (the base class)."""
+        if self.boundary == "reflect":
+            return super().pinv(y, num_iterations, tol)
+        flat, batch = self._batched(y)
+        spec = self._spectrum(y.dtype, y.device)
+        mag = spec.abs()
+        keep = mag > 1e-8 * mag.amax(dim=(-2, -1), keepdim=True)
+        inv = torch.where(keep, 1.0 / torch.where(keep, spec.conj(), torch.ones_like(spec)), torch.zeros_like(spec))
+        return torch.fft.ifft2(torch.fft.fft2(flat) * inv).real.reshape(*batch, *self.in_shape)
+
+
+class GaussianBlur(Blur):
+    """Gaussian blur, 61x61 kernel with std 3 by default (DPS family)."""
+
+    def __init__(self, kernel_size: int = 61, std: float = 3.0, **kwargs) -> None:
+        super().__init__(gaussian_kernel(kernel_size, std), **kwargs)
+
+
+class UniformBlur(Blur):
+    """Uniform (box) blur, 17x17 by default (PaDIS)."""
+
+    def __init__(self, kernel_size: int = 17, **kwargs) -> None:
+        super().__init__(uniform_kernel(kernel_size), **kwargs)
+
+
+class MotionBlur(Blur):
+    """Random-trajectory motion blur (61x61, intensity 0.5); one kernel per sample, drawn from a generator."""
+
+    def __init__(self, kernel_size: int = 61, intensity: float = 0.5, seed: int = 0, **kwargs) -> None:
+        self.kernel_size, self.intensity = kernel_size, intensity
+        super().__init__(self._draw(1, torch.Generator().manual_seed(seed)), **kwargs)
+
+    def _draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        return torch.stack([motion_kernel(self.kernel_size, self.intensity, generator) for _ in range(batch_size)])
+
+    def sample_params(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """(batch_size, k, k) kernels; the same generator state gives the same kernels."""
+        return self._draw(batch_size, generator)
+
+    def set_params(self, kernels: Tensor) -> None:
+        if kernels.ndim != 3 or kernels.shape[-2:] != self.kernel.shape[-2:]:
+            raise ValueError(f"motion kernels must be (B, {self.kernel_size}, {self.kernel_size}), got {tuple(kernels.shape)}")
+        self.kernel = kernels.to(self.kernel)
+
+
+class BlurStrideSR(LinearOperator):
+    """Super-resolution as in CoDPS: circular Gaussian blur (9x9, std 3) then keep every ``factor``-th pixel.
+
+    With S the subsampling, A A^T = S C C^T S^T is diagonal in the Fourier basis of the low-resolution grid with
+    eigenvalues lam(f) = (1 / s^2) sum over the s^2 aliases a of |K^(f + a h)|^2 (the "Gamma from Lambda" mapping),
+    which makes the Gram inverse and the pseudo-inverse A^T (A A^T)^-1 exact. The CoDPS code blurs with reflection
+    padding; the circular boundary is our choice so that these are exact (the interior is identical).
+    """
+
+    def __init__(self, factor: int = 4, kernel_size: int = 9, std: float = 3.0, channels: int = 3, image_size: int = 256,
+                 input_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+        super().__init__()
+        if factor < 1 or image_size % factor:
+            raise ValueError(f"image size {image_size} must be a multiple of the factor {factor}")
+        self.factor = factor
+        self.blur = Blur(gaussian_kernel(kernel_size, std), channels, image_size, boundary="circular")
+        self.in_shape = (channels, image_size, image_size)
+        self.out_shape = (channels, image_size // factor, image_size // factor)
+        self.input_range = tuple(input_range)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return self.blur._forward(x)[..., :: self.factor, :: self.factor]
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        up = torch.zeros(*y.shape[:-2], *self.in_shape[-2:], dtype=y.dtype, device=y.device)
+        up[..., :: self.factor, :: self.factor] = y
+        return self.blur._adjoint(up)
+
+    def _gram_eigenvalues(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        power = self.blur._spectrum(dtype, device)[0, 0].abs() ** 2  # (H, W)
+        s, h = self.factor, self.out_shape[-1]
+        return power.reshape(s, h, s, h).mean(dim=(0, 2))  # average over the s^2 aliases
+
+    def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
+        lam = self._gram_eigenvalues(y.dtype, y.device)
+        if torch.is_tensor(v):
+            v = v.to(y.dtype).reshape(-1, *([1] * 3)) if v.ndim else v
+        return torch.fft.ifft2(torch.fft.fft2(y) / (sigma_y**2 + v * lam)).real
+
+    def pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
+        """A^T (A A^T)^-1 y: exact, the Gaussian kernel's aliased spectrum is strictly positive."""
+        lam = self._gram_eigenvalues(y.dtype, y.device)
+        return self._adjoint(torch.fft.ifft2(torch.fft.fft2(y) / lam).real)
+
+
+def cubic(x: Tensor) -> Tensor:
+    """Keys cubic convolution kernel with a = -0.5 (MATLAB imresize / ResizeRight ``cubic``)."""
+    ax = x.abs()
+    return torch.where(
+        ax <= 1, 1.5 * ax**3 - 2.5 * ax**2 + 1, torch.where(ax <= 2, -0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2, torch.zeros_like(ax))
+    )
+
+
+def bicubic_resize_matrix(in_size: int, out_size: int) -> Tensor:
+    """1-D antialiased bicubic resize matrix (out_size, in_size), float64, with MATLAB ``imresize`` semantics as in
+    the Shocher resizer used by DDRM/DPS: output pixel i sits at input coordinate (i + 0.5) / s - 0.5 with
+    s = out/in; when down-scaling the kernel is stretched by 1/s (antialiasing); out-of-range taps are mirrored
+    (symmetric padding); each row is normalised to sum 1."""
+    scale = out_size / in_size
+    stretch = min(scale, 1.0)
+    support = 4.0 / stretch
+    centres = (torch.arange(out_size, dtype=torch.float64) + 0.5) / scale - 0.5
+    left = torch.floor(centres - support / 2).long()
+    taps = left[:, None] + torch.arange(int(math.ceil(support)) + 2)[None]
+    weights = stretch * cubic(stretch * (centres[:, None] - taps))
+    weights = weights / weights.sum(1, keepdim=True)
+    mirrored = torch.where(taps < 0, -taps - 1, taps)
+    mirrored = torch.where(mirrored >= in_size, 2 * in_size - 1 - mirrored, mirrored).clamp(0, in_size - 1)
+    mat = torch.zeros(out_size, in_size, dtype=torch.float64)
+    mat.scatter_add_(1, mirrored, weights)
+    return mat
+
+
+class BicubicSR(LinearOperator):
+    """Super-resolution by antialiased bicubic down-sampling (x1/4 by default), y = M_h x M_w^T per channel.
+
+    Separable, so A^T, the exact pseudo-inverse pinv(M_h) y pinv(M_w)^T and the exact Gram inverse (eigen-
+    decompositions of M M^T per axis) are cheap.
+    """
+
+    def __init__(self, factor: int = 4, channels: int = 3, image_size: int = 256,
+                 input_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+        super().__init__()
+        if factor < 1 or image_size % factor:
+            raise ValueError(f"image size {image_size} must be a multiple of the factor {factor}")
+        low = image_size // factor
+        mat = bicubic_resize_matrix(image_size, low)
+        self.register_buffer("matrix", mat)
+        self.register_buffer("matrix_pinv", torch.linalg.pinv(mat))
+        gram_eig, gram_vec = torch.linalg.eigh(mat @ mat.T)
+        self.register_buffer("gram_eig", gram_eig)
+        self.register_buffer("gram_vec", gram_vec)
+        self.in_shape = (channels, image_size, image_size)
+        self.out_shape = (channels, low, low)
+        self.input_range = tuple(input_range)
+
+    @staticmethod
+    def _sandwich(left: Tensor, x: Tensor, right: Tensor) -> Tensor:
+        return left.to(x.dtype) @ x @ right.to(x.dtype).T
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return self._sandwich(self.matrix, x, self.matrix)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return self._sandwich(self.matrix.T, y, self.matrix.T)
+
+    def pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
+        return self._sandwich(self.matrix_pinv, y, self.matrix_pinv)
+
+    def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
+        """A A^T = (M M^T) (x) (M M^T) = (Q (x) Q) diag(e_i e_j) (Q (x) Q)^T."""
+        Q = self.gram_vec.to(y.dtype)
+        lam = self.gram_eig.to(y.dtype)
+        if torch.is_tensor(v) and v.ndim:
+            v = v.to(y.dtype).reshape(-1, *([1] * 3))
+        z = Q.T @ y @ Q
+        return Q @ (z / (sigma_y**2 + v * lam[:, None] * lam[None, :])) @ Q.T
+
+
+class Inpainting(LinearOperator):
+    """y = m * x with a 0/1 mask m shared by the channels; dropped pixels read 0. One mask per sample.
+
+    ``mask_type="random"`` drops a fraction p ~ U[lo, hi) of the pixels (``drop_range``; 0.7 fixed with
+    lo = hi = 0.7); ``"box"`` drops one box of ``box_size`` at a uniform random position at least ``margin`` px
+    from the border (128x128 with margin 16 as DPS/ReSample; DAPS uses 32).
+    """
+
+    MASK_TYPES = ("random", "box")
+
+    def __init__(self, mask_type: str = "random", drop_range: tuple[float, float] = (0.7, 0.7), box_size: int = 128,
+                 margin: int = 16, channels: int = 3, image_size: int = 256, seed: int = 0,
+                 input_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+        super().__init__()
+        if mask_type not in self.MASK_TYPES:
+            raise ValueError(f"unknown mask type {mask_type!r}; valid: {', '.join(self.MASK_TYPES)}")
+        lo, hi = drop_range
+        if not 0 <= lo <= hi < 1:
+            raise ValueError(f"drop_range must satisfy 0 <= lo <= hi < 1, got {drop_range}")
+        if mask_type == "box" and box_size + 2 * margin > image_size:
+            raise ValueError(f"a {box_size}px box with a {margin}px margin does not fit a {image_size}px image")
+        self.mask_type, self.drop_range, self.box_size, self.margin = mask_type, (lo, hi), box_size, margin
+        self.in_shape = self.out_shape = (channels, image_size, image_size)
+        self.input_range = tuple(input_range)
+        self.register_buffer("mask", self.sample_params(1, torch.Generator().manual_seed(seed)))
+
+    def sample_params(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """(batch_size, 1, H, W) float masks (1 = observed)."""
+        size = self.in_shape[-1]
+        masks = torch.ones(batch_size, 1, size, size, dtype=torch.float64)
+        for b in range(batch_size):
+            if self.mask_type == "random":
+                lo, hi = self.drop_range
+                p = lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64))
+                masks[b, 0] = (torch.rand(size, size, generator=generator, dtype=torch.float64) >= p).double()
+            else:
+                span = size - 2 * self.margin - self.box_size + 1
+                top, left = (self.margin + int(torch.randint(span, (), generator=generator)) for _ in range(2))
+                masks[b, 0, top : top + self.box_size, left : left + self.box_size] = 0
+        return masks
+
+    def set_params(self, masks: Tensor) -> None:
+        if masks.ndim != 4 or masks.shape[1:] != self.mask.shape[1:]:
+            raise ValueError(f"masks must be (B, 1, {self.in_shape[-1]}, {self.in_shape[-1]}), got {tuple(masks.shape)}")
+        self.mask = masks.to(self.mask)
+
+    def _apply_mask(self, x: Tensor) -> Tensor:
+        flat, batch = _flatten_images(x, self.in_shape)
+        if self.mask.shape[0] not in (1, flat.shape[0]):
+            raise ValueError(f"{self.mask.shape[0]} masks for a batch of {flat.shape[0]} images")
+        return (flat * self.mask.to(x.dtype)).reshape(*batch, *self.in_shape)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return self._apply_mask(x)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return self._apply_mask(y)
+
+    def pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
+        return self._apply_mask(y)
+
+    def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
+        """(sigma_y^2 + v m)^-1 y, diagonal (CoDPS)."""
+        flat, batch = _flatten_images(y, self.in_shape)
+        if torch.is_tensor(v) and v.ndim:
+            v = v.to(y.dtype).reshape(-1, *([1] * 3))
+        return (flat / (sigma_y**2 + v * self.mask.to(y.dtype))).reshape(*batch, *self.in_shape)
+
+
+class PhaseRetrieval(ForwardOperator):
+    """y = |F(pad(x))|: zero-pad by floor(oversample / 8 * H) px per side, centred orthonormal 2-D FFT magnitude.
+
+    Oversampling 2 on 256 px pads 64 px per side (384 x 384), as the DPS code. The DPS family applies it to
+    [-1, 1] images, DAPS to [0, 1] (``input_range``).
+    """
+
+    def __init__(self, oversample: float = 2.0, channels: int = 3, image_size: int = 256,
+                 input_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+        super().__init__()
+        self.pad = int(oversample / 8.0 * image_size)
+        self.in_shape = (channels, image_size, image_size)
+        self.out_shape = (channels, image_size + 2 * self.pad, image_size + 2 * self.pad)
+        self.input_range = tuple(input_range)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        padded = F.pad(x, (self.pad,) * 4)
+        spectrum = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(padded, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+        return spectrum.abs()
+
+
+class HighDynamicRange(ForwardOperator):
+    """y = clip(scale * x, -1, 1) on [-1, 1] images (DAPS HDR, scale 2)."""
+
+    def __init__(self, scale: float = 2.0, channels: int = 3, image_size: int = 256) -> None:
+        super().__init__()
+        self.scale = scale
+        self.in_shape = self.out_shape = (channels, image_size, image_size)
+        self.input_range = (-1.0, 1.0)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return (self.scale * x).clamp(-1.0, 1.0)
