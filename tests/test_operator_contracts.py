@@ -24,7 +24,12 @@ TINY: dict[str, dict] = {
     "inpainting_box": dict(box_size=4, margin=2, channels=2, image_size=12),
     "phase_retrieval": dict(channels=2, image_size=8),
     "hdr": dict(channels=2, image_size=8),
+    "ct_parallel": dict(image_size=16, num_views=8, num_detectors=24),
+    "ct_fan": dict(image_size=16, num_views=8, num_detectors=24),
+    "ct_limited_angle": dict(image_size=16, num_views=8, num_detectors=24),
 }
+# relative adjointness tolerance: float64 operators 1e-6; CT computes in float32 through astra (spec: 1e-5)
+ADJOINT_TOL = {"ct_parallel": 1e-5, "ct_fan": 1e-5, "ct_limited_angle": 1e-5}
 LINEAR = [n for n in TINY if issubclass(type(build_operator(n, **TINY[n])), LinearOperator)]
 # operators whose pseudo-inverse is exact (A pinv(A x) = A x)
 EXACT_PINV = ["identity", "gaussian_blur_circular", "sr_bicubic", "sr_blur_stride", "inpainting_random", "inpainting_box"]
@@ -47,7 +52,7 @@ def _dense(op) -> torch.Tensor:
 
 
 def test_every_registered_operator_has_a_tiny_variant():
-    missing = sorted(set(OPERATORS) - set(TINY) - {"nonlinear_blur", "ct_parallel", "ct_fan", "ct_limited_angle"})
+    missing = sorted(set(OPERATORS) - set(TINY) - {"nonlinear_blur"})  # needs user weights: tests/test_kernels_nonlinear_blur.py
     assert not missing, f"add tiny variants for {missing} so they inherit the contract tests"
 
 
@@ -57,7 +62,7 @@ def test_adjointness_and_vjp(name):
     x = _x(op)
     y = torch.randn(3, *op.out_shape, dtype=F64, generator=torch.Generator().manual_seed(1))
     lhs, rhs = float((op(x) * y).sum()), float((x * op.adjoint(y)).sum())
-    assert abs(lhs - rhs) <= 1e-6 * max(abs(lhs), 1e-12)
+    assert abs(lhs - rhs) <= ADJOINT_TOL.get(name, 1e-6) * max(abs(lhs), 1e-12)
     x.requires_grad_(True)
     (vjp,) = torch.autograd.grad(op(x), x, y)
     assert torch.allclose(vjp, op.adjoint(y), rtol=1e-10, atol=1e-12)
