@@ -118,3 +118,15 @@ def test_random_parameters_come_from_the_generator_and_apply_per_sample(name):
         assert torch.allclose(out[i], single(x[i : i + 1])[0], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError):
         op(_x(op, batch=2))  # 3 parameter sets for 2 images
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_non_finite_inputs_are_refused_at_the_entry_points(name):
+    op = _op(name)
+    x = _x(op, batch=1)
+    x.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        op.measure(x, 0.1, torch.Generator().manual_seed(0))
+    y = torch.full((1, *op.out_shape), float("inf"), dtype=F64)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        op.pinv(y)

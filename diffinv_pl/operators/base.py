@@ -14,6 +14,12 @@ import torch
 from torch import Tensor, nn
 
 
+def _check_finite_input(t: Tensor, where: str) -> None:
+    """User-facing entry points refuse NaN/Inf (one reduction pass; solvers check their own state with step context)."""
+    if not bool(torch.isfinite(t.sum())):
+        raise ValueError(f"{where}: input contains NaN or Inf values; check the data or the previous step")
+
+
 def _has_event_shape(t: Tensor, event_shape: tuple[int, ...]) -> bool:
     """True when the trailing dimensions of t are exactly event_shape."""
     n = len(event_shape)
@@ -71,6 +77,7 @@ class ForwardOperator(nn.Module, ABC):
         """y = A(x) + sigma_y n with n ~ N(0, I) drawn from ``generator``."""
         if sigma_y < 0:
             raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+        _check_finite_input(x, f"{type(self).__name__}.measure")
         clean = self.forward(x).detach()
         noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device="cpu").to(clean.device)
         return clean + sigma_y * noise
@@ -131,7 +138,12 @@ class LinearOperator(ForwardOperator):
         self._norm_cache = estimate
         return estimate
 
-    def pinv(self, y: Tensor, num_iterations: int = 200, tol: float = 1e-10) -> Tensor:
+    def pinv(self, y: Tensor, **options) -> Tensor:
+        """Pseudo-inverse A^+ y (refuses NaN/Inf); ``options`` go to the operator's ``_pinv``."""
+        _check_finite_input(y, f"{type(self).__name__}.pinv")
+        return self._pinv(y, **options)
+
+    def _pinv(self, y: Tensor, num_iterations: int = 200, tol: float = 1e-10) -> Tensor:
         """Least-squares solution argmin ||A x - y|| of minimum norm, by conjugate gradients on A^T A x = A^T y.
 
         Started from 0, CG stays in range(A^T) and so converges to the minimum-norm solution; it stops when the

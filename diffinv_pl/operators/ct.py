@@ -234,14 +234,14 @@ class CTOperator(LinearOperator):
                                     frequency_scaling=self.fbp_frequency_scaling)
         return self._fbp
 
-    def pinv(self, y: Tensor, num_iterations: int = 200, tol: float = 1e-10, method: str = "fbp") -> Tensor:
+    def _pinv(self, y: Tensor, num_iterations: int = 200, tol: float = 1e-10, method: str = "fbp") -> Tensor:
         """Approximate inverse: ODL FBP (``method="fbp"``, PaDIS's A^dagger, image units) of y (..., 1, V, D).
 
         ``method="cg"`` gives the base class's minimum-norm least-squares solution by CG on the normal equations
         (``num_iterations``/``tol`` apply to it only).
         """
         if method == "cg":
-            return super().pinv(y, num_iterations=num_iterations, tol=tol)
+            return super()._pinv(y, num_iterations=num_iterations, tol=tol)
         if method != "fbp":
             raise ValueError(f"unknown pinv method {method!r}; valid: 'fbp', 'cg'")
         self.check_measurement(y)

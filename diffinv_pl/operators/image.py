@@ -45,7 +45,7 @@ class Identity(LinearOperator):
     def _adjoint(self, y: Tensor) -> Tensor:
         return y.clone()
 
-    def pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
+    def _pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
         return y.clone()
 
     def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
@@ -130,11 +130,11 @@ class Blur(LinearOperator):
         v = torch.as_tensor(v, dtype=y.dtype, device=y.device).reshape(-1, *([1] * 3)) if torch.is_tensor(v) else v
         return torch.fft.ifft2(torch.fft.fft2(flat) / (sigma_y**2 + v * power)).real.reshape(*batch, *self.in_shape)
 
-    def pinv(self, y: Tensor, num_iterations: int = 200, tol: float = 1e-10) -> Tensor:
+    def _pinv(self, y: Tensor, num_iterations: int = 200, tol: float = 1e-10) -> Tensor:
         """``circular``: the exact pseudo-inverse in Fourier (frequencies with |K^| <= 1e-8 max set to 0);
         ``reflect``: conjugate gradients (the base class)."""
         if self.boundary == "reflect":
-            return super().pinv(y, num_iterations, tol)
+            return super()._pinv(y, num_iterations, tol)
         flat, batch = self._batched(y)
         spec = self._spectrum(y.dtype, y.device)
         mag = spec.abs()
@@ -216,7 +216,7 @@ class BlurStrideSR(LinearOperator):
             v = v.to(y.dtype).reshape(-1, *([1] * 3)) if v.ndim else v
         return torch.fft.ifft2(torch.fft.fft2(y) / (sigma_y**2 + v * lam)).real
 
-    def pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
+    def _pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
         """A^T (A A^T)^-1 y: exact, the Gaussian kernel's aliased spectrum is strictly positive."""
         lam = self._gram_eigenvalues(y.dtype, y.device)
         return self._adjoint(torch.fft.ifft2(torch.fft.fft2(y) / lam).real)
@@ -283,7 +283,7 @@ class BicubicSR(LinearOperator):
     def _adjoint(self, y: Tensor) -> Tensor:
         return self._sandwich(self.matrix.T, y, self.matrix.T)
 
-    def pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
+    def _pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
         return self._sandwich(self.matrix_pinv, y, self.matrix_pinv)
 
     def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
@@ -354,7 +354,7 @@ class Inpainting(LinearOperator):
     def _adjoint(self, y: Tensor) -> Tensor:
         return self._apply_mask(y)
 
-    def pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
+    def _pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
         return self._apply_mask(y)
 
     def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
