@@ -108,3 +108,15 @@ def test_registry_errors_and_bad_inputs():
         op(torch.zeros(1, 3, 16, 17))
     with pytest.raises(TypeError, match="no exact"):
         MatrixOperator(torch.eye(2)).gram_inverse(torch.zeros(2), 0.1, 1.0)
+
+
+def test_parameters_fixed_per_sample_key_do_not_depend_on_the_batch():
+    from diffinv_pl.utils.seeding import params_for_keys
+
+    op = build_operator("inpainting_random", image_size=16)
+    batch = params_for_keys(op, ["img_003", "img_001", "img_002"], seed=5)
+    alone = params_for_keys(op, ["img_001"], seed=5)
+    assert torch.equal(batch[1], alone[0]) and not torch.equal(batch[0], batch[1])
+    assert not torch.equal(params_for_keys(op, ["img_001"], seed=5, run=1), alone)
+    with pytest.raises(TypeError, match="no random parameters"):
+        params_for_keys(build_operator("identity", image_size=8), ["a"], seed=0)
