@@ -120,3 +120,17 @@ def test_parameters_fixed_per_sample_key_do_not_depend_on_the_batch():
     assert not torch.equal(params_for_keys(op, ["img_001"], seed=5, run=1), alone)
     with pytest.raises(TypeError, match="no random parameters"):
         params_for_keys(build_operator("identity", image_size=8), ["a"], seed=0)
+
+
+def test_reflect_blur_equals_conv2d_on_the_reflection_padded_image():
+    """Independent reference for the FFT implementation: torch conv2d (correlation) after reflection padding."""
+    for name, kwargs in (("gaussian_blur", dict(kernel_size=9, std=2.0)), ("motion_blur", dict(kernel_size=9))):
+        op = build_operator(name, image_size=24, **kwargs).to(F64)
+        kernels = op.sample_params(2, torch.Generator().manual_seed(0)) if name == "motion_blur" else op.kernel.expand(2, -1, -1)
+        if name == "motion_blur":
+            op.set_params(kernels)
+        x = _img(n=24)[:, :, :, :].expand(2, 3, 24, 24).contiguous()
+        ref = torch.stack(
+            [F.conv2d(F.pad(x[b : b + 1], (4, 4, 4, 4), mode="reflect"), kernels[b].expand(3, 1, 9, 9), groups=3)[0] for b in range(2)]
+        )
+        assert torch.allclose(op(x), ref, atol=1e-12)

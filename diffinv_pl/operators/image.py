@@ -78,9 +78,9 @@ class Blur(LinearOperator):
         self.input_range = tuple(input_range)
         self.register_buffer("kernel", kernel.to(torch.float64))
 
-    # -- kernel spectrum: kernel embedded with its centre at (0, 0) of the image grid
-    def _spectrum(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        _, H, W = self.in_shape
+    # -- kernel spectrum: kernel embedded with its centre at (0, 0) of a (h, w) grid (the image grid by default)
+    def _spectrum(self, dtype: torch.dtype, device: torch.device, size: tuple[int, int] | None = None) -> Tensor:
+        H, W = size if size is not None else self.in_shape[-2:]
         kh, kw = self.kernel.shape[-2:]
         grid = torch.zeros(self.kernel.shape[0], H, W, dtype=torch.float64, device=self.kernel.device)
         grid[:, :kh, :kw] = self.kernel
@@ -94,34 +94,40 @@ class Blur(LinearOperator):
             raise ValueError(f"{self.kernel.shape[0]} kernels for a batch of {flat.shape[0]} images")
         return flat, batch
 
-    def _fourier_apply(self, x: Tensor, conj: bool) -> Tensor:
-        flat, batch = self._batched(x)
-        spec = self._spectrum(x.dtype, x.device)
-        spec = spec.conj() if conj else spec
-        return torch.fft.ifft2(torch.fft.fft2(flat) * spec).real.reshape(*batch, *self.in_shape)
+    @staticmethod
+    def _correlate(images: Tensor, spec: Tensor, conj: bool) -> Tensor:
+        """Circular correlation (conj=True) or its adjoint, the circular convolution (conj=False), by FFT."""
+        return torch.fft.ifft2(torch.fft.fft2(images) * (spec.conj() if conj else spec)).real
 
-    def _reflect_forward(self, x: Tensor) -> Tensor:
-        flat, batch = self._batched(x)
-        C = self.in_shape[0]
+    @property
+    def _padding(self) -> tuple[int, int, int, int]:
         kh, kw = self.kernel.shape[-2:]
-        padded = F.pad(flat, (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
-        k = self.kernel.to(x.dtype)
-        if k.shape[0] == 1:
-            out = F.conv2d(padded, k[:, None].expand(C, 1, kh, kw), groups=C)
-        else:  # one kernel per sample: fold the batch into the channels
-            B = flat.shape[0]
-            weight = k[:, None, None].expand(B, C, 1, kh, kw).reshape(B * C, 1, kh, kw)
-            out = F.conv2d(padded.reshape(1, B * C, *padded.shape[-2:]), weight, groups=B * C).reshape(B, C, *flat.shape[-2:])
-        return out.reshape(*batch, *self.in_shape)
+        return (kw // 2, kw // 2, kh // 2, kh // 2)
 
     def _forward(self, x: Tensor) -> Tensor:
-        return self._fourier_apply(x, conj=True) if self.boundary == "circular" else self._reflect_forward(x)
+        """circular: FFT correlation on the image grid; reflect: reflection-pad by half the kernel, FFT-correlate on
+        the padded grid (no wrap-around reaches the centre crop, so this equals conv2d on the padded image), crop."""
+        flat, batch = self._batched(x)
+        if self.boundary == "circular":
+            out = self._correlate(flat, self._spectrum(x.dtype, x.device), conj=True)
+        else:
+            left, _, top, _ = self._padding
+            padded = F.pad(flat, self._padding, mode="reflect")
+            full = self._correlate(padded, self._spectrum(x.dtype, x.device, padded.shape[-2:]), conj=True)
+            out = full[..., top : top + flat.shape[-2], left : left + flat.shape[-1]]
+        return out.reshape(*batch, *self.in_shape)
 
     def _adjoint(self, y: Tensor) -> Tensor:
+        flat, batch = self._batched(y)
         if self.boundary == "circular":
-            return self._fourier_apply(y, conj=False)
-        _, vjp = torch.func.vjp(self._reflect_forward, torch.zeros_like(y))
-        return vjp(y)[0]
+            out = self._correlate(flat, self._spectrum(y.dtype, y.device), conj=False)
+        else:  # adjoint of crop (zero-embed), of the correlation, then of the reflection padding (fold back)
+            left, right, top, bottom = self._padding
+            embedded = F.pad(flat, (left, right, top, bottom))
+            full = self._correlate(embedded, self._spectrum(y.dtype, y.device, embedded.shape[-2:]), conj=False)
+            _, pad_vjp = torch.func.vjp(lambda z: F.pad(z, self._padding, mode="reflect"), torch.zeros_like(flat))
+            out = pad_vjp(full)[0]
+        return out.reshape(*batch, *self.in_shape)
 
     def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
         """(sigma_y^2 + v |K^|^2)^-1 in Fourier: exact for ``circular``, the circulant model for ``reflect``."""
