@@ -134,3 +134,14 @@ def test_reflect_blur_equals_conv2d_on_the_reflection_padded_image():
             [F.conv2d(F.pad(x[b : b + 1], (4, 4, 4, 4), mode="reflect"), kernels[b].expand(3, 1, 9, 9), groups=3)[0] for b in range(2)]
         )
         assert torch.allclose(op(x), ref, atol=1e-12)
+
+
+def test_cached_kernel_spectra_follow_kernel_changes():
+    op = build_operator("motion_blur", kernel_size=7, image_size=16).to(F64)
+    x = _img(n=16)
+    first = op(x)
+    op.set_params(op.sample_params(1, torch.Generator().manual_seed(9)))
+    assert not torch.allclose(op(x), first)
+    op.kernel.copy_(torch.flip(op.kernel, (-1,)))  # an in-place update (e.g. load_state_dict)
+    ref = F.conv2d(F.pad(x, (3, 3, 3, 3), mode="reflect"), op.kernel[0].expand(3, 1, 7, 7), groups=3)
+    assert torch.allclose(op(x), ref, atol=1e-12)

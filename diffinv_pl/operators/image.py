@@ -26,6 +26,19 @@ from diffinv_pl.operators.kernels import gaussian_kernel, motion_kernel, uniform
 BOUNDARIES = ("circular", "reflect")
 
 
+def _fft_size(n: int) -> int:
+    """Smallest 2^a 3^b 5^c >= n (fast FFT lengths)."""
+    m = n
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
 def _flatten_images(x: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
     batch = x.shape[: x.ndim - len(shape)]
     return x.reshape(-1, *shape), batch
@@ -77,10 +90,22 @@ class Blur(LinearOperator):
         self.in_shape = self.out_shape = (channels, image_size, image_size)
         self.input_range = tuple(input_range)
         self.register_buffer("kernel", kernel.to(torch.float64))
+        # kernel spectra per (dtype, device, grid size), valid while the kernel tensor and its version are unchanged
+        self._spectra: tuple[Tensor | None, int, dict[tuple, Tensor]] = (None, -1, {})
 
     # -- kernel spectrum: kernel embedded with its centre at (0, 0) of a (h, w) grid (the image grid by default)
     def _spectrum(self, dtype: torch.dtype, device: torch.device, size: tuple[int, int] | None = None) -> Tensor:
         H, W = size if size is not None else self.in_shape[-2:]
+        ref, version, spectra = self._spectra
+        if ref is not self.kernel or version != self.kernel._version:  # set_params, .to() or an in-place update
+            spectra = {}
+            self._spectra = (self.kernel, self.kernel._version, spectra)
+        key = (dtype, str(device), H, W)
+        if key not in spectra:
+            spectra[key] = self._compute_spectrum(dtype, device, H, W)
+        return spectra[key]
+
+    def _compute_spectrum(self, dtype: torch.dtype, device: torch.device, H: int, W: int) -> Tensor:
         kh, kw = self.kernel.shape[-2:]
         grid = torch.zeros(self.kernel.shape[0], H, W, dtype=torch.float64, device=self.kernel.device)
         grid[:, :kh, :kw] = self.kernel
@@ -113,7 +138,9 @@ class Blur(LinearOperator):
         else:
             left, _, top, _ = self._padding
             padded = F.pad(flat, self._padding, mode="reflect")
-            full = self._correlate(padded, self._spectrum(x.dtype, x.device, padded.shape[-2:]), conj=True)
+            grid = _fft_size(padded.shape[-2]), _fft_size(padded.shape[-1])  # zero tail: a faster FFT, no wrap-around
+            padded = F.pad(padded, (0, grid[1] - padded.shape[-1], 0, grid[0] - padded.shape[-2]))
+            full = self._correlate(padded, self._spectrum(x.dtype, x.device, grid), conj=True)
             out = full[..., top : top + flat.shape[-2], left : left + flat.shape[-1]]
         return out.reshape(*batch, *self.in_shape)
 
@@ -123,8 +150,10 @@ class Blur(LinearOperator):
             out = self._correlate(flat, self._spectrum(y.dtype, y.device), conj=False)
         else:  # adjoint of crop (zero-embed), of the correlation, then of the reflection padding (fold back)
             left, right, top, bottom = self._padding
-            embedded = F.pad(flat, (left, right, top, bottom))
-            full = self._correlate(embedded, self._spectrum(y.dtype, y.device, embedded.shape[-2:]), conj=False)
+            h, w = flat.shape[-2] + top + bottom, flat.shape[-1] + left + right
+            grid = _fft_size(h), _fft_size(w)
+            embedded = F.pad(flat, (left, grid[1] - w + right, top, grid[0] - h + bottom))
+            full = self._correlate(embedded, self._spectrum(y.dtype, y.device, grid), conj=False)[..., :h, :w]
             _, pad_vjp = torch.func.vjp(lambda z: F.pad(z, self._padding, mode="reflect"), torch.zeros_like(flat))
             out = pad_vjp(full)[0]
         return out.reshape(*batch, *self.in_shape)
