@@ -1,4 +1,5 @@
-"""Metrics: sample-based posterior distances (SW1, mode-weight TV); image metrics come with the evaluation task."""
+"""Metrics: sample-based posterior distances (SW1, mode-weight TV) and the pinned image-metric protocol
+(PSNR, SSIM, LPIPS, FID; :mod:`diffinv_pl.metrics.image`, weights offline via :mod:`diffinv_pl.metrics.weights`)."""
 
 from diffinv_pl.metrics.sliced_wasserstein import (
     mode_weight_tv,
