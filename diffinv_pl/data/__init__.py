@@ -1,4 +1,4 @@
-"""Data: generated problem sets (Gaussian-mixture inverse problems); image and CT data come with later issues."""
+"""Data: GMM problem sets and samples, image folders, indexed webdataset shards, CT phantoms, rank splits."""
 
 from diffinv_pl.data.gmm_problems import GMMProblemSet, grid_means, grid_prior, make_gmm_problems
 

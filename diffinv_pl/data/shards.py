@@ -1,0 +1,241 @@
+"""webdataset shards with a random-access index, for exact (every sample once) evaluation (conventions.md §6 (a)).
+
+Layout written by :func:`write_shards` into ``out_dir``:
+
+* ``shard-000000.tar``, ``shard-000001.tar``, ...: plain webdataset shards written by ``webdataset.ShardWriter``
+  (USTAR, fixed mtime, so the same data gives byte-identical shards). Sample ``key`` is the members ``{key}.png``
+  (8-bit L or RGB, lossless for 8-bit sources) or ``{key}.npy`` (float32 (C, H, W), exact for float data such as CT
+  phantoms) and ``{key}.json`` (the key, the image shape and the sample's other JSON-serialisable fields). They stream
+  with ``wds.WebDataset(ShardIndexDataset(out_dir).urls, shardshuffle=False)`` as usual.
+* ``index.json``: ``{"format": "diffinv-shard-index-v1", "image_format", "num_samples", "shards": {shard name:
+  [keys in tar order]}, "members": {shard name: [[image offset, image size, json offset, json size], ...]}}``.
+  The offsets are the byte positions of each member's data inside its tar (``tarfile.TarInfo.offset_data``, read back
+  from the finished shard), so :class:`ShardIndexDataset` reads sample i with one seek + read of an uncompressed tar:
+  map-style random access without scanning (the ``wids`` package does the same but is not installed here).
+
+Keys must be unique and representable by webdataset, which splits a member name at the first dot of its last path
+component: a key may contain "/" but no "." after its last "/".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "diffinv-shard-index-v1"
+SHARD_PATTERN = "shard-%06d.tar"
+IMAGE_FORMATS = ("png", "npy")
+
+
+def write_shards(
+    dataset,
+    out_dir: str | Path,
+    samples_per_shard: int = 1000,
+    image_format: str = "png",  # "png": 8-bit, lossless for 8-bit sources; "npy": float32, exact for any data
+    overwrite: bool = False,  # delete the index.json and shard-*.tar already in out_dir first
+) -> Path:
+    """Write every sample of ``dataset`` (dicts with "key" and "image") to shards plus ``index.json``; returns the
+    index path. Keys are checked for uniqueness before anything is written when the dataset has a ``keys`` list, and
+    while writing otherwise (the partial shards are then removed)."""
+    from webdataset import ShardWriter
+
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"unknown image_format {image_format!r}; valid: {', '.join(IMAGE_FORMATS)}")
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: nothing to write")
+    out = Path(out_dir)
+    index_path = out / INDEX_NAME
+    if hasattr(dataset, "keys") and not callable(dataset.keys):
+        _check_keys(list(dataset.keys))
+    existing = ([index_path] if index_path.exists() else []) + sorted(out.glob("shard-*.tar"))
+    if existing and not overwrite:
+        raise FileExistsError(f"{str(out)!r} already holds shards or an index; pass overwrite=True to replace them")
+    for p in existing:
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    shards: dict[str, list[str]] = {}
+    seen: dict[str, int] = {}
+    quant_err = 0.0
+    writer = ShardWriter(str(out / SHARD_PATTERN), maxcount=samples_per_shard, maxsize=float("inf"), verbose=0, mtime=0)
+    try:
+        for i, sample in enumerate(dataset):
+            key = sample["key"]
+            _check_key(key)
+            if key in seen:
+                raise ValueError(f"duplicate sample key {key!r} (samples {seen[key]} and {i})")
+            seen[key] = i
+            image = sample["image"].detach().cpu()
+            if image.ndim != 3:
+                raise ValueError(f"sample {key!r}: image must be (C, H, W), got shape {tuple(image.shape)}")
+            meta = {"key": key, "shape": list(image.shape)}
+            meta.update({k: v for k, v in sample.items() if k not in ("key", "image") and _jsonable(v)})
+            record = {"__key__": key, "json": meta}
+            if image_format == "png":
+                record["png"], err = _png_array(key, image)
+                quant_err = max(quant_err, err)
+            else:
+                record["npy"] = image.to(torch.float32).numpy()
+            writer.write(record)
+            shards.setdefault(Path(writer.fname).name, []).append(key)
+    except BaseException:
+        opened = writer.shard  # ShardWriter counts the shards it opened in .shard (deleted by close())
+        writer.close()
+        for j in range(opened):
+            (out / (SHARD_PATTERN % j)).unlink(missing_ok=True)
+        raise
+    writer.close()
+    if quant_err > 1e-6:
+        log.warning(
+            "image_format='png' quantised the images to 8 bits (max error %.3g); use 'npy' to store floats exactly",
+            quant_err,
+        )
+
+    members = {name: _member_offsets(out / name, keys, image_format) for name, keys in shards.items()}
+    index = {
+        "format": INDEX_FORMAT,
+        "image_format": image_format,
+        "num_samples": len(seen),
+        "shards": shards,
+        "members": members,
+    }
+    tmp = index_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, index_path)
+    return index_path
+
+
+class ShardIndexDataset(Dataset):
+    """Map-style view of shards written by :func:`write_shards`: sample i is ``{"key", "image" (C, H, W) float32,
+    "meta"}``, read by seeking to its offsets in the index (no scan), so any subset of indices can be read exactly."""
+
+    def __init__(self, out_dir: str | Path):
+        path = Path(out_dir)
+        index_path = path / INDEX_NAME if path.is_dir() or not path.suffix else path
+        self.root = index_path.parent
+        if not index_path.is_file():
+            raise FileNotFoundError(f"no shard index {str(index_path)!r} (write one with write_shards)")
+        index = json.loads(index_path.read_text())
+        if index.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{str(index_path)!r} is not a {INDEX_FORMAT} index (format={index.get('format')!r})")
+        self.image_format: str = index["image_format"]
+        missing = [name for name in index["shards"] if not (self.root / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"shard(s) listed in {str(index_path)!r} are missing: {missing}")
+        self.keys: list[str] = []
+        self._where: list[tuple[str, list[int]]] = []
+        for name, keys in index["shards"].items():
+            offsets = index["members"][name]
+            if len(offsets) != len(keys):
+                raise ValueError(f"{str(index_path)!r}: shard {name} lists {len(keys)} keys but {len(offsets)} offsets")
+            end = max((max(o[0] + o[1], o[2] + o[3]) for o in offsets), default=0)
+            if (self.root / name).stat().st_size < end:
+                raise ValueError(f"shard {str(self.root / name)!r} is shorter than its index says (truncated?)")
+            self.keys += keys
+            self._where += [(name, o) for o in offsets]
+        dup = sorted(k for k, n in Counter(self.keys).items() if n > 1)
+        if dup:
+            raise ValueError(f"{str(index_path)!r} lists duplicate keys: {dup[:10]}")
+        if len(self.keys) != index["num_samples"]:
+            raise ValueError(
+                f"{str(index_path)!r}: num_samples={index['num_samples']} but the shards list {len(self.keys)} keys"
+            )
+        self._position = {k: i for i, k in enumerate(self.keys)}
+
+    @property
+    def urls(self) -> list[str]:
+        """The shard paths, in index order (for streaming with ``webdataset.WebDataset``)."""
+        return [str(self.root / name) for name in dict.fromkeys(name for name, _ in self._where)]
+
+    def index_of(self, key: str) -> int:
+        return self._position[key]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.keys):
+            raise IndexError(f"index {index} out of range for {len(self.keys)} samples")
+        name, (img_off, img_size, json_off, json_size) = self._where[index]
+        with open(self.root / name, "rb") as f:
+            f.seek(img_off)
+            data = f.read(img_size)
+            f.seek(json_off)
+            meta = json.loads(f.read(json_size))
+        if self.image_format == "png":
+            with Image.open(io.BytesIO(data)) as im:
+                arr = np.asarray(im)  # written as L or RGB uint8
+            image = torch.from_numpy(arr.copy()).to(torch.float32) / 255.0
+            image = image[None] if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
+        else:
+            image = torch.from_numpy(np.lib.format.read_array(io.BytesIO(data), allow_pickle=False))
+        return {"key": self.keys[index], "image": image, "meta": meta}
+
+
+def _png_array(key: str, image: torch.Tensor) -> tuple[np.ndarray, float]:
+    """(H, W) or (H, W, 3) uint8 for webdataset's PNG encoder (which would truncate floats, not round them)."""
+    if image.shape[0] not in (1, 3):
+        raise ValueError(f"sample {key!r}: PNG needs 1 or 3 channels, got {image.shape[0]}; use image_format='npy'")
+    lo, hi = float(image.min()), float(image.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"sample {key!r}: image values must lie in [0, 1] for PNG, got [{lo:.4g}, {hi:.4g}]")
+    q = (image.to(torch.float32) * 255.0).round()
+    err = float((q / 255.0 - image).abs().max())
+    arr = q.to(torch.uint8).permute(1, 2, 0).numpy()
+    return (arr[..., 0] if arr.shape[2] == 1 else arr), err
+
+
+def _member_offsets(shard: Path, keys: list[str], image_format: str) -> list[list[int]]:
+    """[image offset, image size, json offset, json size] per key, read back from the finished tar."""
+    from webdataset.tariterators import base_plus_ext  # webdataset's own member-name -> (key, field) split
+
+    found: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(shard, "r:") as tar:
+        for m in tar.getmembers():
+            key, ext = base_plus_ext(m.name) if m.isfile() else (None, None)
+            if key is None:
+                continue
+            found.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    if list(found) != keys:
+        raise RuntimeError(f"shard {str(shard)!r} does not hold the keys written to it")
+    return [[*found[k][image_format], *found[k]["json"]] for k in keys]
+
+
+def _check_key(key) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"sample keys must be non-empty strings, got {key!r}")
+    if "." in key.rsplit("/", 1)[-1] or key.startswith("/") or key.startswith("_"):
+        raise ValueError(
+            f"sample key {key!r} cannot be a webdataset key (no '.' after the last '/', no leading '/' or '_')"
+        )
+
+
+def _check_keys(keys: list[str]) -> None:
+    for k in keys:
+        _check_key(k)
+    dup = sorted(k for k, n in Counter(keys).items() if n > 1)
+    if dup:
+        raise ValueError(f"duplicate sample keys: {dup[:10]}")
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
