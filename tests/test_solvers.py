@@ -143,3 +143,20 @@ def test_dps_gradient_is_zero_not_nan_at_a_zero_residual():
     problem = InverseProblem(torch.zeros(2, dtype=F64), MatrixOperator(torch.zeros(2, 4, dtype=F64)), 0.1)
     grad, _, residual = dps_guidance(problem, prior, torch.randn(3, 4, dtype=F64), 1.0, 0.5)
     assert bool((residual == 0).all()) and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_per_sample_generators_make_results_independent_of_the_batch():
+    """With one generator per sample (seeded by its key), a sample's result is the same alone or in a batch."""
+    from diffinv_pl.utils.seeding import key_generator
+
+    prior, problem = _small_problem()
+    grid = vp_grid(10)
+    keys = ["a", "b", "c"]
+    x_init = grid.initial_noise((3, 4), [key_generator(0, k) for k in keys], F64)
+    batch = dps(problem, prior, x_init, grid=grid, zeta=0.5, generator=[key_generator(1, k) for k in keys]).samples
+    for i, key in enumerate(keys):
+        alone_init = grid.initial_noise((1, 4), [key_generator(0, key)], F64)
+        alone = dps(problem, prior, alone_init, grid=grid, zeta=0.5, generator=[key_generator(1, key)]).samples
+        assert torch.allclose(batch[i], alone[0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="one per row"):
+        grid.initial_noise((3, 4), [key_generator(0, "a")], F64)

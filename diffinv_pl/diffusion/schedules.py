@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffinv_pl.utils.random import GeneratorLike, randn
+
 BETA_KINDS = ("linear", "sqrt_linear", "mcgdiff_decreasing")
 
 
@@ -149,10 +151,10 @@ class SamplingGrid:
         return len(self.sigmas) - 1
 
     def initial_noise(
-        self, shape: tuple[int, ...], generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+        self, shape: tuple[int, ...], generator: GeneratorLike = None, dtype: torch.dtype = torch.float32
     ) -> Tensor:
-        """The standard initial state N(0, init_std^2 I) of the given shape."""
-        return self.init_std * torch.randn(shape, generator=generator, dtype=dtype)
+        """The standard initial state N(0, init_std^2 I) of the given shape (one generator, or one per sample)."""
+        return self.init_std * randn(shape, generator, dtype)
 
 
 def vp_grid(num_steps: int | str = 100, beta_schedule: str = "linear", num_train_steps: int = 1000) -> SamplingGrid:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffinv_pl.utils.random import GeneratorLike, randn
+
 
 def ddim_noise_levels(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
     """Split sigma_next into the deterministic part and the fresh-noise part of a DDIM(eta) step.
@@ -36,7 +38,7 @@ def ddim_step(
     sigma: Tensor | float,
     sigma_next: Tensor | float,
     eta: float,
-    generator: torch.Generator | None = None,
+    generator: GeneratorLike = None,
 ) -> Tensor:
     """DDIM(eta) step from noise level sigma to sigma_next in normalised coordinates (see module docstring).
 
@@ -45,7 +47,7 @@ def ddim_step(
         denoised: D(x, sigma), the estimate of E[x0 | x].
         sigma, sigma_next: current and next noise levels (scalars), sigma > sigma_next >= 0.
         eta: 0 deterministic DDIM, 1 DDPM ancestral.
-        generator: source of the fresh noise z.
+        generator: source of the fresh noise z: one generator, or one per sample (see diffinv_pl.utils.random).
     """
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     sigma_next = torch.as_tensor(sigma_next, dtype=x.dtype, device=x.device)
@@ -53,6 +55,6 @@ def ddim_step(
     # denoised + sigma_down * (x - denoised) / sigma, in one pass
     out = torch.lerp(denoised, x, (sigma_down / sigma).to(x.dtype))
     if eta > 0 and float(sigma_up) > 0:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        noise = randn(x.shape, generator, x.dtype, x.device)
         out = out.add_(noise, alpha=float(sigma_up))
     return out

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from diffinv_pl.utils.random import GeneratorLike, randn
+
 
 def _check_finite_input(t: Tensor, where: str) -> None:
     """User-facing entry points refuse NaN/Inf (one reduction pass; solvers check their own state with step context)."""
@@ -73,13 +75,13 @@ class ForwardOperator(nn.Module, ABC):
     def _forward(self, x: Tensor) -> Tensor:
         """A(x) for x of shape (..., *in_shape)."""
 
-    def measure(self, x: Tensor, sigma_y: float, generator: torch.Generator | None = None) -> Tensor:
-        """y = A(x) + sigma_y n with n ~ N(0, I) drawn from ``generator``."""
+    def measure(self, x: Tensor, sigma_y: float, generator: GeneratorLike = None) -> Tensor:
+        """y = A(x) + sigma_y n with n ~ N(0, I) drawn from ``generator`` (one, or one per sample)."""
         if sigma_y < 0:
             raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
         _check_finite_input(x, f"{type(self).__name__}.measure")
         clean = self.forward(x).detach()
-        noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device="cpu").to(clean.device)
+        noise = randn(clean.shape, generator, clean.dtype, clean.device)
         return clean + sigma_y * noise
 
     def residual_norm(self, residual: Tensor) -> Tensor:

@@ -1,10 +1,16 @@
 """Posterior samplers on one contract (see :mod:`diffinv_pl.solvers.base`) and their registry."""
 
 from diffinv_pl.solvers.base import InverseProblem, Solver, SolverCost, SolverResult
+from diffinv_pl.solvers.classical import pseudo_inverse, tv_least_squares
 from diffinv_pl.solvers.diffusion_posterior_sampling import dps
 from diffinv_pl.solvers.exact_oracle import oracle
 
-SOLVERS: dict[str, Solver] = {"dps": dps, "oracle": oracle}
+SOLVERS: dict[str, Solver] = {
+    "dps": dps,
+    "oracle": oracle,
+    "pinv": pseudo_inverse,
+    "tv": tv_least_squares,
+}
 
 
 def get_solver(name: str) -> Solver:
@@ -15,4 +21,15 @@ def get_solver(name: str) -> Solver:
         raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(sorted(SOLVERS))}") from None
 
 
-__all__ = ["SOLVERS", "InverseProblem", "Solver", "SolverCost", "SolverResult", "dps", "get_solver", "oracle"]
+__all__ = [
+    "SOLVERS",
+    "InverseProblem",
+    "Solver",
+    "SolverCost",
+    "SolverResult",
+    "dps",
+    "get_solver",
+    "oracle",
+    "pseudo_inverse",
+    "tv_least_squares",
+]

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from diffinv_pl.diffusion.preconditioning import Denoiser
 from diffinv_pl.operators.base import ForwardOperator
+from diffinv_pl.utils.random import GeneratorLike
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -86,7 +87,7 @@ class Solver(Protocol):
         denoiser: Denoiser,
         x_init: Tensor,
         *,
-        generator: torch.Generator | None = None,
+        generator: GeneratorLike = None,
         callback: Callback | None = None,
     ) -> SolverResult: ...
 
@@ -104,7 +105,7 @@ class CountingDenoiser:
 
 
 @contextmanager
-def cost_meter(problem: InverseProblem, denoiser: CountingDenoiser) -> Iterator[SolverCost]:
+def cost_meter(problem: InverseProblem, denoiser: CountingDenoiser | None = None) -> Iterator[SolverCost]:
     """Fill a :class:`SolverCost` with the calls and wall time spent inside the ``with`` block."""
     op = problem.operator
     fwd0, adj0, start = op.forward_calls, getattr(op, "adjoint_calls", 0), time.perf_counter()
@@ -112,7 +113,7 @@ def cost_meter(problem: InverseProblem, denoiser: CountingDenoiser) -> Iterator[
     try:
         yield cost
     finally:
-        cost.denoiser_calls = denoiser.calls
+        cost.denoiser_calls = denoiser.calls if denoiser is not None else 0
         cost.operator_forward_calls = op.forward_calls - fwd0
         cost.operator_adjoint_calls = getattr(op, "adjoint_calls", 0) - adj0
         cost.wall_time_s = time.perf_counter() - start

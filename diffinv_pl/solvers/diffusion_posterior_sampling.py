@@ -27,6 +27,7 @@ from diffinv_pl.solvers.base import (
     check_finite,
     cost_meter,
 )
+from diffinv_pl.utils.random import GeneratorLike
 
 NORMS = ("l2", "l2_squared")
 
@@ -65,7 +66,7 @@ def dps(
     norm: str = "l2",
     eta: float = 1.0,
     clip_denoised: tuple[float, float] | None = None,
-    generator: torch.Generator | None = None,
+    generator: GeneratorLike = None,
     callback: Callback | None = None,
 ) -> SolverResult:
     """Run DPS; see the module docstring. ``zeta`` is the guidance step size, ``clip_denoised`` the data range."""

@@ -18,6 +18,7 @@ from diffinv_pl.diffusion.steps import ddim_step
 from diffinv_pl.operators.matrix import MatrixOperator
 from diffinv_pl.priors.analytic import GaussianMixture
 from diffinv_pl.solvers.base import Callback, CountingDenoiser, InverseProblem, SolverResult, cost_meter
+from diffinv_pl.utils.random import GeneratorLike
 
 
 def exact_posterior_denoiser(problem: InverseProblem, prior: Denoiser) -> GaussianMixture:
@@ -43,7 +44,7 @@ def oracle(
     *,
     grid: SamplingGrid,
     eta: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: GeneratorLike = None,
     callback: Callback | None = None,
 ) -> SolverResult:
     """Sample p(x0 | y) with the exact noised-posterior denoiser; ``denoiser`` must be the analytic prior."""
