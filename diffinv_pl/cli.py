@@ -5,6 +5,7 @@ The configs live in ``conf/`` at the repository root; an editable install (``pip
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -29,15 +30,23 @@ def run_evaluation(cfg: DictConfig) -> list[dict]:
 
     if "task" not in cfg or cfg.task is None:
         raise ValueError("no evaluation task configured: choose one with task=<name> or experiment=<name>")
-    task = instantiate(cfg.task, _convert_="all")
+    overrides = {}
+    if "settings" in cfg.task and cfg.task.settings is None:  # what decides the results (not devices or batching)
+        settings = OmegaConf.to_container(cfg, resolve=True)
+        for key in ("paths", "logger", "trainer", "hydra", "debug"):
+            settings.pop(key, None)
+        for key in ("batch_size", "num_workers", "output_dir", "overwrite", "trainer", "settings"):
+            settings["task"].pop(key, None)
+        overrides["settings"] = json.dumps(settings, sort_keys=True)  # text: Hydra must not instantiate its _target_s
+    task = instantiate(cfg.task, _convert_="all", **overrides)
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     table = task.run()
     for logger in loggers:
-        for row in table:
-            prefix = "/".join(str(row[k]) for k in ("dx", "dy", "sigma_y", "sampler", "init"))
-            logger.log_metrics({f"{prefix}/{k}": float(v) for k, v in row.items() if k in ("sw1", "mode_tv", "floor_sw1", "n_eff")})
+        for row in table:  # string fields name the row, numeric fields are its metrics
+            prefix = "/".join(str(v) for v in row.values() if isinstance(v, str))
+            logger.log_metrics({f"{prefix}/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float))})
         logger.finalize("success")
     return table
 

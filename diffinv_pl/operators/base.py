@@ -113,6 +113,11 @@ class LinearOperator(ForwardOperator):
         self.forward_calls += 1
         return _LinearApply.apply(x, self)
 
+    @property
+    def param_batch_size(self) -> int:
+        """Number of per-sample parameter sets installed (1 for operators without random parameters)."""
+        return 1
+
     def norm(self, num_iterations: int = 1000, tol: float = 1e-10, generator: torch.Generator | None = None) -> float:
         """Operator 2-norm ||A|| by the power method on A^T A (cached after the first call).
 
@@ -125,7 +130,8 @@ class LinearOperator(ForwardOperator):
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         dtype = next((b.dtype for b in self.buffers() if b.is_floating_point()), torch.float64)
         device = next((b.device for b in self.buffers()), torch.device("cpu"))
-        v = torch.randn((1, *self.in_shape), generator=gen, dtype=dtype).to(device)
+        # operators with per-sample parameters are block diagonal over the batch: ||A|| is the largest block norm
+        v = torch.randn((self.param_batch_size, *self.in_shape), generator=gen, dtype=dtype).to(device)
         v = v / v.norm()
         estimate = 0.0
         with torch.no_grad():

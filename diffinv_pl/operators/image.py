@@ -210,6 +210,11 @@ class MotionBlur(Blur):
         if kernels.ndim != 3 or kernels.shape[-2:] != self.kernel.shape[-2:]:
             raise ValueError(f"motion kernels must be (B, {self.kernel_size}, {self.kernel_size}), got {tuple(kernels.shape)}")
         self.kernel = kernels.to(self.kernel)
+        self._norm_cache = None
+
+    @property
+    def param_batch_size(self) -> int:
+        return self.kernel.shape[0]
 
 
 class BlurStrideSR(LinearOperator):
@@ -376,6 +381,11 @@ class Inpainting(LinearOperator):
         if masks.ndim != 4 or masks.shape[1:] != self.mask.shape[1:]:
             raise ValueError(f"masks must be (B, 1, {self.in_shape[-1]}, {self.in_shape[-1]}), got {tuple(masks.shape)}")
         self.mask = masks.to(self.mask)
+        self._norm_cache = None
+
+    @property
+    def param_batch_size(self) -> int:
+        return self.mask.shape[0]
 
     def _apply_mask(self, x: Tensor) -> Tensor:
         flat, batch = _flatten_images(x, self.in_shape)
