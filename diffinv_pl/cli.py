@@ -43,6 +43,8 @@ def run_evaluation(cfg: DictConfig) -> list[dict]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     table = task.run()
+    if hasattr(task, "log_to") and table:  # rank 0 only: other ranks return no table
+        task.log_to(loggers)
     for logger in loggers:
         for row in table:  # string fields name the row, numeric fields are its metrics
             prefix = "/".join(str(v) for v in row.values() if isinstance(v, str))

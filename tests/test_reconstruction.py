@@ -131,3 +131,14 @@ def test_two_ranks_equal_one_rank_and_a_killed_run_resumes_exactly(tmp_path):
     rk = _recons(killed)
     assert all(np.array_equal(r1[k], rk[k]) for k in r1)
     assert json.loads((killed / "results.json").read_text())["summary"]["psnr"] == pytest.approx(s1["psnr"], abs=1e-9)
+
+
+def test_cli_logs_table_images_and_metrics_to_wandb_offline(tmp_path):
+    out = tmp_path / "wb"
+    _cli(out, "logger=wandb", "solver.num_iterations=20", "data.num_images=3")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(f.suffix == ".wandb" for f in runs[0].iterdir())
+    media = runs[0] / "files" / "media"
+    assert list((media / "table").glob("samples_*.table.json"))
+    assert len(list((media / "images").rglob("*.png"))) >= 9  # 3 samples x (target, recon, measurement)
+    assert json.loads((out / "results.json").read_text())["summary"]["num_samples"] == 3

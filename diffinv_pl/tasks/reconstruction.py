@@ -266,6 +266,20 @@ class ReconstructionTask:
         print(text)
         return summary
 
+    def log_to(self, loggers: list[Any], max_images: int = 16) -> None:
+        """Send the per-sample table and a few (target | reconstruction | measurement) images to W&B loggers."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        rows = [json.loads(p.read_text()) for p in sorted((self.output_dir / "rows").glob("*.json"))]
+        for logger in loggers:
+            if not isinstance(logger, WandbLogger) or not rows:
+                continue
+            columns = list(rows[0])
+            logger.log_table(key="samples", columns=columns, data=[[r[c] for c in columns] for r in rows])
+            for kind in ("target", "recon", "measurement"):
+                paths = [str(self.output_dir / "samples" / _safe_key(r["key"]) / f"{kind}.png") for r in rows[:max_images]]
+                logger.log_image(key=f"images/{kind}", images=paths, caption=[r["key"] for r in rows[:max_images]])
+
     def run(self) -> list[dict[str, Any]]:
         """Solve every unfinished sample across the trainer's ranks, then aggregate on rank 0."""
         if self.trainer._accelerator_connector.use_distributed_sampler:
