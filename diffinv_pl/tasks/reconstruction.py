@@ -138,6 +138,10 @@ class ReconstructionTask:
             raise ValueError("the evaluation dataset is empty or has no `keys`; check data paths and settings")
         if len(set(dataset.keys)) != len(dataset.keys):
             raise ValueError("the evaluation dataset has duplicate sample keys; results would overwrite each other")
+        if isinstance(denoiser, torch.nn.Module):
+            # the prior is fixed during evaluation: eval mode, and no parameter gradients (solvers such as DPS only
+            # need gradients with respect to the state; weight gradients would double the backward cost)
+            denoiser.eval().requires_grad_(False)
         self.solver, self.operator, self.dataset, self.trainer = solver, operator, dataset, trainer
         self.metrics, self.denoiser = metrics, denoiser
         self.sigma_y, self.num_runs, self.batch_size, self.num_workers, self.seed = sigma_y, num_runs, batch_size, num_workers, seed
