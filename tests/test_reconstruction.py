@@ -142,3 +142,17 @@ def test_cli_logs_table_images_and_metrics_to_wandb_offline(tmp_path):
     assert list((media / "table").glob("samples_*.table.json"))
     assert len(list((media / "images").rglob("*.png"))) >= 9  # 3 samples x (target, recon, measurement)
     assert json.loads((out / "results.json").read_text())["summary"]["num_samples"] == 3
+
+
+def test_fid_covers_every_saved_reconstruction(tmp_path):
+    """FID is computed at aggregation from the saved files (so resumed and multi-rank runs are covered)."""
+
+    class MeanStd(torch.nn.Module):
+        num_features = 2
+
+        def forward(self, x):
+            return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3))], 1).double()
+
+    metrics = ImageMetrics(fid=True, fid_feature=MeanStd(), fid_feature_name="mean-std")
+    summary = _task(tmp_path / "fid", batch_size=2, metrics=metrics).run()[0]
+    assert summary["fid"] > 0 and summary["num_samples"] == 5

@@ -256,6 +256,8 @@ class ReconstructionTask:
             values = [float(r[k]) for r in rows if not math.isnan(float(r[k]))]
             if values:
                 summary[k], summary[f"{k}_ci95"] = mean_ci95(values)
+        if self.metrics.enabled()["fid"]:
+            summary["fid"] = self._fid(rows)
         summary["metrics"] = self.metrics.protocol()
         versions = {p: metadata.version(p) for p in ("torch", "lightning", "torchmetrics", "odl", "astra-toolbox")}
         result = {"summary": summary, "config": self.settings, "versions": {**versions, "python": platform.python_version()}}
@@ -269,6 +271,22 @@ class ReconstructionTask:
         atomic_write_text(self.output_dir / "results.md", text)
         print(text)
         return summary
+
+    def _fid(self, rows: list[dict[str, Any]], chunk: int = 32) -> float:
+        """FID of all reconstructions against all targets (or the metric's reference statistics), from the saved
+        files, so it covers resumed and multi-rank runs alike."""
+
+        def load(key: str, name: str) -> Tensor:
+            folder = self.output_dir / "samples" / _safe_key(key)
+            if (folder / f"{name}.npy").exists():
+                return torch.from_numpy(np.load(folder / f"{name}.npy"))
+            arr = np.asarray(Image.open(folder / f"{name}.png"), dtype=np.float32) / 255.0
+            return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+
+        for start in range(0, len(rows), chunk):
+            keys = [r["key"] for r in rows[start : start + chunk]]
+            self.metrics.update_fid(torch.stack([load(k, "recon") for k in keys]), torch.stack([load(k, "target") for k in keys]))
+        return float(self.metrics.fid_metric.compute())
 
     def log_to(self, loggers: list[Any], max_images: int = 16) -> None:
         """Send the per-sample table and a few (target | reconstruction | measurement) images to W&B loggers."""
