@@ -35,7 +35,7 @@ def run_evaluation(cfg: DictConfig) -> list[dict]:
         settings = OmegaConf.to_container(cfg, resolve=True)
         for key in ("paths", "logger", "trainer", "hydra", "debug"):
             settings.pop(key, None)
-        for key in ("batch_size", "num_workers", "output_dir", "overwrite", "trainer", "settings"):
+        for key in ("batch_size", "num_workers", "output_dir", "overwrite", "trainer", "settings", "solver_progress"):
             settings["task"].pop(key, None)
         overrides["settings"] = json.dumps(settings, sort_keys=True)  # text: Hydra must not instantiate its _target_s
     task = instantiate(cfg.task, _convert_="all", **overrides)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 import math
 import platform
 import time
@@ -33,6 +35,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 from diffinv_pl.data.distributed import rank_indices
 from diffinv_pl.diffusion.schedules import SamplingGrid
@@ -113,6 +116,7 @@ class ReconstructionTask:
         metrics: an :class:`ImageMetrics` (PSNR/SSIM/LPIPS per image; metrics switched off are reported "off").
         settings: what decides the results (a dict or its JSON text; evaluate.py passes the resolved config); a rerun
             into the same output directory must have the same settings.
+        solver_progress: show a per-step progress bar of the solver (rank 0), beside Lightning's batch progress bar.
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class ReconstructionTask:
         seed: int = 0,
         overwrite: bool = False,
         settings: dict[str, Any] | str | None = None,
+        solver_progress: bool = True,
     ) -> None:
         if num_runs < 1 or batch_size < 1 or sigma_y < 0:
             raise ValueError(f"need num_runs >= 1, batch_size >= 1, sigma_y >= 0; got {num_runs}, {batch_size}, {sigma_y}")
@@ -146,6 +151,7 @@ class ReconstructionTask:
         self.metrics, self.denoiser = metrics, denoiser
         self.sigma_y, self.num_runs, self.batch_size, self.num_workers, self.seed = sigma_y, num_runs, batch_size, num_workers, seed
         self.output_dir = Path(output_dir)
+        self.solver_progress = solver_progress
         self.settings = json.loads(settings) if isinstance(settings, str) else dict(settings or {})
         self.settings.update(sigma_y=sigma_y, num_runs=num_runs, seed=seed, num_samples=len(dataset))
         self._check_output_dir(overwrite)
@@ -194,6 +200,15 @@ class ReconstructionTask:
             return grid.initial_noise(shape, [key_generator(self.seed, f"{k}/init", run) for k in keys], dtype).to(device)
         return torch.zeros(shape, dtype=dtype, device=device)
 
+    @contextmanager
+    def _step_bar(self, keys: list[str], run: int) -> Iterator[Callable[[dict[str, Any]], None] | None]:
+        """A solver-step progress bar (rank 0, when enabled) fed by the solver's callback."""
+        if not self.solver_progress or self.trainer.global_rank != 0:
+            yield None
+            return
+        with tqdm(desc=f"solver {keys[0]}{'...' if len(keys) > 1 else ''} run {run}", unit="step", leave=False) as bar:
+            yield lambda info: bar.update(1)
+
     @torch.no_grad()
     def process_batch(self, batch: dict[str, Any], device: torch.device) -> None:
         keys: list[str] = list(batch["key"])
@@ -209,8 +224,9 @@ class ReconstructionTask:
         for run in range(self.num_runs):
             start = time.perf_counter()
             x_init = self._initial_state(tuple(x.shape), keys, run, x.dtype, device)
-            with torch.enable_grad():
-                result = self.solver(problem, self.denoiser, x_init, generator=[key_generator(self.seed, k, run) for k in keys])
+            generators = [key_generator(self.seed, k, run) for k in keys]
+            with torch.enable_grad(), self._step_bar(keys, run) as bar:
+                result = self.solver(problem, self.denoiser, x_init, generator=generators, callback=bar)
             runs.append(convert_range(result.samples.detach(), lo_hi, UNIT).clamp(0, 1))
             costs.append({**result.cost.as_dict(), "wall_time_s": time.perf_counter() - start})
         stack = torch.stack(runs)  # (R, B, C, H, W)
