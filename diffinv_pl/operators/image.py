@@ -39,6 +39,16 @@ def _fft_size(n: int) -> int:
         m += 1
 
 
+def _install_params(op: LinearOperator, buffer: str, params: Tensor) -> None:
+    """Replace an operator's per-sample parameter buffer (B, ...) after checking the per-sample shape."""
+    current = getattr(op, buffer)
+    if params.ndim != current.ndim or params.shape[1:] != current.shape[1:]:
+        expected = ", ".join(map(str, current.shape[1:]))
+        raise ValueError(f"{type(op).__name__} parameters must be (B, {expected}), got {tuple(params.shape)}")
+    setattr(op, buffer, params.to(current))
+    op._norm_cache = None  # the norm depends on the parameters
+
+
 def _flatten_images(x: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
     batch = x.shape[: x.ndim - len(shape)]
     return x.reshape(-1, *shape), batch
@@ -207,10 +217,8 @@ class MotionBlur(Blur):
         return self._draw(batch_size, generator)
 
     def set_params(self, kernels: Tensor) -> None:
-        if kernels.ndim != 3 or kernels.shape[-2:] != self.kernel.shape[-2:]:
-            raise ValueError(f"motion kernels must be (B, {self.kernel_size}, {self.kernel_size}), got {tuple(kernels.shape)}")
-        self.kernel = kernels.to(self.kernel)
-        self._norm_cache = None
+        """Install (B, k, k) kernels (B = 1 applies one kernel to every sample)."""
+        _install_params(self, "kernel", kernels)
 
     @property
     def param_batch_size(self) -> int:
@@ -378,10 +386,8 @@ class Inpainting(LinearOperator):
         return masks
 
     def set_params(self, masks: Tensor) -> None:
-        if masks.ndim != 4 or masks.shape[1:] != self.mask.shape[1:]:
-            raise ValueError(f"masks must be (B, 1, {self.in_shape[-1]}, {self.in_shape[-1]}), got {tuple(masks.shape)}")
-        self.mask = masks.to(self.mask)
-        self._norm_cache = None
+        """Install (B, 1, H, W) masks (B = 1 applies one mask to every sample)."""
+        _install_params(self, "mask", masks)
 
     @property
     def param_batch_size(self) -> int:
