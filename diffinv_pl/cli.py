@@ -6,7 +6,6 @@ The configs live in ``conf/`` at the repository root; an editable install (``pip
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONFIG_PATH = str(Path(__file__).resolve().parent.parent / "conf")
-log = logging.getLogger(__name__)
 
 
 def _offline_defaults() -> None:

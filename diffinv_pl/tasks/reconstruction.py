@@ -19,7 +19,6 @@ A sample whose row exists is finished: a rerun skips it (resume after a kill), a
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 import math
@@ -47,7 +46,6 @@ from diffinv_pl.utils.io import atomic_write_text
 from diffinv_pl.utils.seeding import key_generator
 from diffinv_pl.utils.stats import mean_ci95
 
-log = logging.getLogger(__name__)
 
 
 def _safe_key(key: str) -> str:
