@@ -1,0 +1,99 @@
+"""Pack an image folder into webdataset shards with a random-access index (diffinv_pl.data.shards).
+
+    python data_prep/make_shards.py --images DIR --output DIR --samples-per-shard N [--image-size S] [--grayscale]
+        [--format png|npy] [--input-format image|npy] [--overwrite]
+
+Input: ``--input-format image`` (default) reads every PNG/JPEG under ``--images`` with ``ImageFolderDataset``
+(sorted, key = relative path without extension; ``--image-size`` resizes + centre-crops, omitted keeps native
+sizes; ``--grayscale`` converts to one channel, 16-bit PNGs become value / 65535). ``--input-format npy`` reads
+float32 ``(C, H, W)`` (or ``(H, W)``) ``.npy`` files, sorted by relative path, as written by
+``make_ct_phantoms.py --format npy`` (no resizing: ``--image-size`` must then match or be omitted).
+Output: ``write_shards`` with ``--format png`` (8-bit) or ``npy`` (float32, exact); prints the sample count and the
+index path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+from diffinv_pl.data.images import ImageFolderDataset
+from diffinv_pl.data.shards import IMAGE_FORMATS, write_shards
+
+
+class NpyFolderDataset(Dataset):
+    """Sorted ``*.npy`` files under ``root`` as ``{"key", "image" (C, H, W) float32, "path"}``."""
+
+    def __init__(self, root: Path, image_size: int | None = None, grayscale: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"folder {str(self.root)!r} does not exist or is not a directory")
+        self.files = sorted(
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*.npy")
+            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(self.root).parts)
+        )
+        if not self.files:
+            raise ValueError(f"no .npy files under {str(self.root)!r}")
+        self.keys = [f[: -len(".npy")] for f in self.files]
+        self.image_size, self.grayscale = image_size, grayscale
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.root / self.files[index]
+        image = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+        image = image[None] if image.ndim == 2 else image
+        if image.ndim != 3:
+            raise ValueError(f"{str(path)!r}: expected a (C, H, W) or (H, W) array, got shape {tuple(image.shape)}")
+        if self.image_size is not None and image.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"{str(path)!r} is {tuple(image.shape[-2:])}, not {self.image_size}^2 (npy: no resizing)")
+        if self.grayscale and image.shape[0] == 3:
+            image = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
+        return {"key": self.keys[index], "image": image, "path": self.files[index]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", required=True, type=Path, help="input image folder")
+    p.add_argument("--output", required=True, type=Path, help="output folder for shard-*.tar and index.json")
+    p.add_argument("--samples-per-shard", required=True, type=int, help="samples per shard")
+    p.add_argument("--image-size", type=int, default=None, help="resize + centre crop to S (default: native size)")
+    p.add_argument("--grayscale", action="store_true", help="one channel (mode L) instead of RGB")
+    p.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="png (8-bit) or npy (float32) members")
+    p.add_argument("--input-format", choices=("image", "npy"), default="image", help="PNG/JPEG files or .npy arrays")
+    p.add_argument("--overwrite", action="store_true", help="replace shards / index already in --output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.samples_per_shard < 1:
+        parser.error(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size must be >= 1, got {args.image_size}")
+    if args.input_format == "npy":
+        dataset = NpyFolderDataset(args.images, args.image_size, args.grayscale)
+    else:
+        dataset = ImageFolderDataset(args.images, image_size=args.image_size, mode="L" if args.grayscale else "RGB")
+    try:
+        index_path = write_shards(
+            dataset, args.output, samples_per_shard=args.samples_per_shard, image_format=args.format,
+            overwrite=args.overwrite,
+        )
+    except FileExistsError as e:
+        parser.exit(1, f"error: {e} (use --overwrite)\n")
+    print(f"wrote {len(dataset)} samples; index: {index_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

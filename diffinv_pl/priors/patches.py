@@ -1,0 +1,322 @@
+"""Patch sampling with global positional channels for patch-based diffusion priors (PaDIS, Patch-Diffusion).
+
+Pure torch, no network code (methods.md §3.2, §3.8).
+
+Geometry
+--------
+An image of side ``N = convention.canvas_size`` (the *unpadded* image side) is zero-padded by ``M =
+convention.pad_width`` on every side, giving the padded canvas of side ``R = convention.padded_size = N + 2M``.
+Canvas pixel indices ``(i, j)`` run over ``0 .. R-1``; ``i`` is the row (axis -2, height), ``j`` the column (axis -1,
+width); image pixel ``(r, c)`` sits at canvas pixel ``(r + M, c + M)``.
+
+Positional channels (``positional_channels``): channel 0 is **x** (varies along the width, i.e. with the column
+``j``), channel 1 is **y** (varies along the height, with the row ``i``), exactly as PaDIS / Patch-Diffusion
+(``images_pos = cat(x_pos, y_pos)``). Two normalisations are offered:
+
+* ``"canvas"`` (default; PaDIS, methods.md §3.2): ``x = (j / (R-1) - 0.5) * 2``, ``y = (i / (R-1) - 0.5) * 2``.
+  The **centre of the first padded pixel** (canvas index 0, i.e. the top-left pad pixel) maps to **-1** and the
+  **centre of the last padded pixel** (canvas index R-1) maps to **+1**; every coordinate lies in [-1, 1]. These
+  values depend on ``pad_width``: a network trained with pad 64 (R = 384) and evaluated with pad 24 (R = 304) sees
+  shifted coordinates (methods.md §3.8), which :meth:`PositionalConvention.assert_compatible` refuses.
+* ``"image"`` (not upstream; the §3.8 "normalise by the unpadded image size" fix): ``x = ((j - M) / (N-1) - 0.5) * 2``,
+  so the centre of the first *image* pixel maps to -1 and that of the last image pixel to +1; pad pixels lie outside
+  [-1, 1] (down to ``-1 - 2M/(N-1)``). An image pixel then has the same coordinates for every pad width.
+
+Random positions
+----------------
+``sample_patches`` draws one top-left corner per image, ``top, left ~ U{0, ..., R-P}`` independently (so a patch may be
+partly or entirely in the zero pad, as in PaDIS), from the given ``torch.Generator`` only: the same generator state
+gives the same patches. For the Patch-Diffusion variant the largest "patch" is the whole padded canvas (``P = R``),
+whose only position is (0, 0); ``patch_diffusion_sizes`` gives ``(R//4, R//2, R)``.
+
+Patch-size probabilities (``patch_size_probabilities``), reading of methods.md §3.2
+---------------------------------------------------------------------------------
+PaDIS / Patch-Diffusion draw one patch size per iteration. With sizes sorted ascending ``P_1 < P_2 < P_3`` the
+**largest** size gets probability ``real_p`` and the remaining mass ``1 - real_p`` is split between the smaller
+sizes in the ratio 2:3 (smallest 0.4, middle 0.6): ``{P_1: 0.4 (1-real_p), P_2: 0.6 (1-real_p), P_3: real_p}``,
+e.g. {16: 0.2, 32: 0.3, 64: 0.5} for real_p = 0.5 (in Patch-Diffusion ``real_p`` is thus the ratio of full-size
+images). With two sizes the smaller one takes all of ``1 - real_p`` (the LION P = 16 preset {8: 0.3, 16: 0.7} is
+real_p = 0.7); with one size it has probability 1 (``real_p`` must then be 1). For four or more sizes the notes
+give no rule: pass ``small_weights`` (relative weights of the non-largest sizes, ascending) explicitly.
+
+Batch multipliers (``batch_multipliers``): a smaller patch gets a larger batch. PaDIS cuts one patch from each of
+``batch_gpu * m(P)`` images with m = 16 (P = 64), 32 (P = 32), 64 (P = 16); Patch-Diffusion's table continues with
+m = 4 (128), 2 (256), 1 (512). Sizes outside the table take the multiplier of the nearest tabulated size >= P (never
+more patch pixels per batch than the tabulated neighbour, e.g. m(56) = m(64) = 16); a size above 512 gets 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor
+
+NORMALIZATIONS = ("canvas", "image")
+# Patch-Diffusion's batch_mul_dict (PaDIS uses the 64/32/16 entries)
+UPSTREAM_BATCH_MULTIPLIERS: dict[int, int] = {512: 1, 256: 2, 128: 4, 64: 16, 32: 32, 16: 64}
+PADIS_PATCH_SIZES = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class PositionalConvention:
+    """How positional channels are computed; stored with a checkpoint and checked at inference (module docstring).
+
+    ``canvas_size``: side N of the (square) *unpadded* image; ``pad_width``: zero pad M on every side; the padded
+    canvas has side ``padded_size = N + 2M``; ``normalization``: "canvas" (PaDIS: canvas pixel centre 0 -> -1,
+    R-1 -> +1) or "image" (image pixel centre 0 -> -1, N-1 -> +1).
+    """
+
+    canvas_size: int
+    pad_width: int
+    normalization: str = "canvas"
+
+    def __post_init__(self):
+        if not isinstance(self.canvas_size, int) or isinstance(self.canvas_size, bool) or self.canvas_size < 2:
+            raise ValueError(f"canvas_size must be an int >= 2, got {self.canvas_size!r}")
+        if not isinstance(self.pad_width, int) or isinstance(self.pad_width, bool) or self.pad_width < 0:
+            raise ValueError(f"pad_width must be an int >= 0, got {self.pad_width!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
+
+    @property
+    def padded_size(self) -> int:
+        return self.canvas_size + 2 * self.pad_width
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> PositionalConvention:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown PositionalConvention field(s) {unknown}; valid: {sorted(names)}")
+        missing = sorted(f.name for f in fields(cls) if f.name not in d and f.name != "normalization")
+        if missing:
+            raise ValueError(f"PositionalConvention dict lacks field(s) {missing}")
+        return cls(**{k: (int(v) if k in ("canvas_size", "pad_width") else v) for k, v in d.items()})
+
+    def assert_compatible(self, other: PositionalConvention | Mapping) -> None:
+        """Raise ValueError naming every field where ``other`` differs (e.g. training pad 64 vs sampling pad 24)."""
+        if isinstance(other, Mapping):
+            other = PositionalConvention.from_dict(other)
+        diffs = [
+            f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+        if diffs:
+            raise ValueError(
+                "positional conventions differ (the network would see shifted coordinates): " + "; ".join(diffs)
+            )
+
+    def coordinate(self, index: Tensor) -> Tensor:
+        """Normalised coordinate of canvas pixel index ``index`` (0 .. R-1) along either axis."""
+        if self.normalization == "canvas":
+            return (index / (self.padded_size - 1) - 0.5) * 2.0
+        return ((index - self.pad_width) / (self.canvas_size - 1) - 0.5) * 2.0
+
+
+def positional_channels(
+    convention: PositionalConvention,
+    top: int | Tensor,
+    left: int | Tensor,
+    patch_size: int,
+    batch: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(B, 2, p, p) global coordinates of the pixels of the p x p patches whose top-left canvas pixel is
+    (``top``, ``left``) (ints, or (B,) integer tensors): channel 0 = x (along the width, from the column), channel
+    1 = y (along the height, from the row). ``batch`` is required for int positions and must match tensors."""
+    top_t, left_t = _positions(top, left, batch, device)
+    _check_patch(convention, patch_size)
+    r = convention.padded_size
+    if bool(((top_t < 0) | (top_t > r - patch_size) | (left_t < 0) | (left_t > r - patch_size)).any()):
+        raise ValueError(f"patch positions must lie in [0, {r - patch_size}] for p={patch_size} on a {r}^2 canvas")
+    offs = torch.arange(patch_size, device=top_t.device, dtype=torch.float64)
+    rows = top_t.to(torch.float64)[:, None] + offs  # (B, p) canvas row indices
+    cols = left_t.to(torch.float64)[:, None] + offs
+    y = convention.coordinate(rows)[:, :, None].expand(-1, -1, patch_size)
+    x = convention.coordinate(cols)[:, None, :].expand(-1, patch_size, -1)
+    return torch.stack([x, y], dim=1).to(dtype)
+
+
+def canvas_positional_channels(
+    convention: PositionalConvention, dtype: torch.dtype = torch.float32, device=None
+) -> Tensor:
+    """(2, R, R) coordinates of the whole padded canvas (x, y), e.g. to cut inference patches from."""
+    return positional_channels(convention, 0, 0, convention.padded_size, 1, dtype, device)[0]
+
+
+def patch_size_probabilities(
+    real_p: float,
+    patch_sizes: Sequence[int] = PADIS_PATCH_SIZES,
+    small_weights: Sequence[float] | None = None,
+) -> dict[int, float]:
+    """{size: probability} (ascending sizes, summing to 1): largest size ``real_p``, the rest ``1 - real_p`` split by
+    ``small_weights`` (default 0.4/0.6 for three sizes, 1 for two; module docstring)."""
+    sizes = _check_sizes(patch_sizes)
+    real_p = float(real_p)
+    if not 0.0 <= real_p <= 1.0:
+        raise ValueError(f"real_p must lie in [0, 1], got {real_p}")
+    n_small = len(sizes) - 1
+    if small_weights is None:
+        if n_small > 2:
+            raise ValueError(
+                f"no default split of 1 - real_p over {n_small} smaller patch sizes {sizes[:-1]}; pass small_weights"
+            )
+        small_weights = {0: (), 1: (1.0,), 2: (0.4, 0.6)}[n_small]
+    w = [float(v) for v in small_weights]
+    if len(w) != n_small:
+        raise ValueError(f"small_weights needs {n_small} entries (one per non-largest size), got {len(w)}")
+    if any(not v >= 0.0 for v in w) or (n_small and sum(w) <= 0.0):
+        raise ValueError(f"small_weights must be non-negative with a positive sum, got {w}")
+    if n_small == 0 and real_p != 1.0:
+        raise ValueError(f"with a single patch size {sizes[0]} real_p must be 1, got {real_p}")
+    total = sum(w)
+    probs = {s: (1.0 - real_p) * v / total for s, v in zip(sizes[:-1], w)}
+    probs[sizes[-1]] = real_p
+    return probs
+
+
+def check_probabilities(probs: Mapping[int, float], atol: float = 1e-6) -> dict[int, float]:
+    """Validate a {size: probability} mapping (positive int sizes, probabilities in [0, 1] summing to 1)."""
+    if not probs:
+        raise ValueError("patch-size probabilities are empty")
+    _check_sizes(list(probs))
+    out = {}
+    for s, p in probs.items():
+        p = float(p)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"probability of patch size {s} must lie in [0, 1], got {p}")
+        out[int(s)] = p
+    total = sum(out.values())
+    if abs(total - 1.0) > atol:
+        raise ValueError(f"patch-size probabilities must sum to 1, got {total} ({out})")
+    return dict(sorted(out.items()))
+
+
+def batch_multipliers(patch_sizes: Sequence[int] = PADIS_PATCH_SIZES) -> dict[int, int]:
+    """{size: m(size)}: images per GPU-batch entry for patches of that size (module docstring)."""
+    sizes = _check_sizes(patch_sizes)
+    table = sorted(UPSTREAM_BATCH_MULTIPLIERS)
+    out = {}
+    for s in sizes:
+        above = [t for t in table if t >= s]
+        out[s] = UPSTREAM_BATCH_MULTIPLIERS[above[0]] if above else 1
+    return out
+
+
+def draw_patch_size(probs: Mapping[int, float], generator: torch.Generator) -> int:
+    """One patch size drawn from ``probs`` with ``generator`` (one draw per training iteration, as PaDIS)."""
+    probs = check_probabilities(probs)
+    sizes = list(probs)
+    weights = torch.tensor([probs[s] for s in sizes], dtype=torch.float64)
+    return sizes[int(torch.multinomial(weights, 1, generator=generator))]
+
+
+def patch_diffusion_sizes(convention: PositionalConvention) -> tuple[int, int, int]:
+    """Patch-Diffusion sizes (R//4, R//2, R): the largest "patch" is the whole padded canvas."""
+    r = convention.padded_size
+    if r // 4 < 1:
+        raise ValueError(f"padded canvas {r} is too small for Patch-Diffusion sizes (R//4 >= 1 needed)")
+    return (r // 4, r // 2, r)
+
+
+def pad_images(images: Tensor, convention: PositionalConvention) -> Tensor:
+    """(B, C, N, N) -> (B, C, R, R) zero-padded by ``pad_width`` on every side."""
+    _check_images(images, convention)
+    m = convention.pad_width
+    return torch.nn.functional.pad(images, (m, m, m, m)) if m else images
+
+
+def sample_patches(
+    images: Tensor,
+    convention: PositionalConvention,
+    patch_size: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """One random p x p patch per image of the zero-padded (B, C, N, N) ``images``: (patches (B, C, p, p),
+    pos (B, 2, p, p) in ``images.dtype``, (top, left) (B,) int64 canvas indices of the patches' top-left pixels).
+    Positions are uniform on {0..R-p}^2 and drawn from ``generator`` (on the CPU) only; p = R gives the whole
+    padded image (Patch-Diffusion's largest size)."""
+    _check_images(images, convention)
+    _check_patch(convention, patch_size)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    b = images.shape[0]
+    r = convention.padded_size
+    n_pos = r - patch_size + 1
+    top = torch.randint(0, n_pos, (b,), generator=generator, device=generator.device).cpu()
+    left = torch.randint(0, n_pos, (b,), generator=generator, device=generator.device).cpu()
+    patches = cut_patches(pad_images(images, convention), top, left, patch_size)
+    pos = positional_channels(convention, top, left, patch_size, b, images.dtype, images.device)
+    return patches, pos, (top, left)
+
+
+def cut_patches(padded: Tensor, top: Tensor, left: Tensor, patch_size: int) -> Tensor:
+    """(B, C, p, p) patches ``padded[b, :, top[b]:top[b]+p, left[b]:left[b]+p]`` (one gather, no Python loop)."""
+    if padded.ndim != 4:
+        raise ValueError(f"padded images must be (B, C, H, W), got shape {tuple(padded.shape)}")
+    b = padded.shape[0]
+    offs = torch.arange(patch_size, device=padded.device)
+    rows = top.to(padded.device)[:, None] + offs  # (B, p)
+    cols = left.to(padded.device)[:, None] + offs
+    bi = torch.arange(b, device=padded.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, p, p, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _positions(top, left, batch, device) -> tuple[Tensor, Tensor]:
+    def as_tensor(v, name):
+        if isinstance(v, Tensor):
+            if v.dtype.is_floating_point or v.dtype == torch.bool:
+                raise ValueError(f"{name} must be integer positions, got dtype {v.dtype}")
+            v = v.reshape(-1).to(torch.int64)
+            if batch is not None and v.numel() != batch:
+                raise ValueError(f"{name} has {v.numel()} entries but batch={batch}")
+            return v if device is None else v.to(device)
+        if batch is None:
+            raise ValueError(f"batch is required when {name} is an int")
+        return torch.full((batch,), int(v), dtype=torch.int64, device=device)
+
+    top_t, left_t = as_tensor(top, "top"), as_tensor(left, "left")
+    if top_t.numel() != left_t.numel():
+        raise ValueError(f"top and left differ in length ({top_t.numel()} vs {left_t.numel()})")
+    return top_t, left_t
+
+
+def _check_patch(convention: PositionalConvention, patch_size: int) -> None:
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if patch_size > convention.padded_size:
+        raise ValueError(
+            f"patch_size {patch_size} is larger than the padded canvas {convention.padded_size} "
+            f"(canvas_size {convention.canvas_size} + 2 * pad_width {convention.pad_width})"
+        )
+
+
+def _check_images(images: Tensor, convention: PositionalConvention) -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
+    n = convention.canvas_size
+    if images.shape[-2:] != (n, n):
+        raise ValueError(
+            f"images are {images.shape[-2]}x{images.shape[-1]} but the positional convention's canvas_size is {n}"
+        )
+
+
+def _check_sizes(patch_sizes: Sequence[int]) -> list[int]:
+    sizes = list(patch_sizes)
+    if not sizes:
+        raise ValueError("patch_sizes is empty")
+    for s in sizes:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+            raise ValueError(f"patch sizes must be positive ints, got {s!r}")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"patch sizes must be distinct, got {sizes}")
+    return sorted(sizes)
