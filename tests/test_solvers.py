@@ -33,13 +33,14 @@ def test_dps_gradient_equals_the_closed_form(scale, sigma):
     prior, problem = _small_problem()
     A, y = problem.operator.matrix, problem.y
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
-    grad, denoised, residual = dps_guidance(problem, prior, x, scale, sigma)
+    grad, denoised, residual, x_norm = dps_guidance(problem, prior, x, scale, sigma)
+    assert torch.allclose(x_norm, x / scale)
     r = denoised @ A.T - y
     v = r @ A / r.norm(dim=-1, keepdim=True)
     expected = prior.denoiser_jvp(x / scale, sigma, v) / scale  # the Jacobian is symmetric
     assert torch.allclose(grad, expected, rtol=1e-10, atol=1e-12)
     assert torch.allclose(residual, r.norm(dim=-1), rtol=1e-12)
-    grad_sq, _, _ = dps_guidance(problem, prior, x, scale, sigma, norm="l2_squared")
+    grad_sq, _, _, _ = dps_guidance(problem, prior, x, scale, sigma, norm="l2_squared")
     assert torch.allclose(grad_sq, 2 * residual[:, None] * grad, rtol=1e-10)
 
 
@@ -141,7 +142,7 @@ def test_dps_gradient_is_zero_not_nan_at_a_zero_residual():
     """Regression: sqrt(sum r^2) has a NaN gradient at r = 0 (seen in float32 on the TMPD grid, sigma_y = 0.01)."""
     prior, _ = _small_problem()
     problem = InverseProblem(torch.zeros(2, dtype=F64), MatrixOperator(torch.zeros(2, 4, dtype=F64)), 0.1)
-    grad, _, residual = dps_guidance(problem, prior, torch.randn(3, 4, dtype=F64), 1.0, 0.5)
+    grad, _, residual, _ = dps_guidance(problem, prior, torch.randn(3, 4, dtype=F64), 1.0, 0.5)
     assert bool((residual == 0).all()) and torch.equal(grad, torch.zeros_like(grad))
 
 

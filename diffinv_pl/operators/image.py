@@ -39,6 +39,13 @@ def _fft_size(n: int) -> int:
         m += 1
 
 
+def _per_sample(v: Tensor | float, like: Tensor) -> Tensor | float:
+    """The Gram-inverse variance v: a scalar, or one value per sample shaped (B, 1, 1, 1) to broadcast on images."""
+    if torch.is_tensor(v) and v.ndim:
+        return v.to(like.dtype).reshape(-1, 1, 1, 1)
+    return v
+
+
 def _install_params(op: LinearOperator, buffer: str, params: Tensor) -> None:
     """Replace an operator's per-sample parameter buffer (B, ...) after checking the per-sample shape."""
     current = getattr(op, buffer)
@@ -172,7 +179,7 @@ class Blur(LinearOperator):
         """(sigma_y^2 + v |K^|^2)^-1 in Fourier: exact for ``circular``, the circulant model for ``reflect``."""
         flat, batch = self._batched(y)
         power = self._spectrum(y.dtype, y.device).abs() ** 2
-        v = torch.as_tensor(v, dtype=y.dtype, device=y.device).reshape(-1, *([1] * 3)) if torch.is_tensor(v) else v
+        v = _per_sample(v, y)
         return torch.fft.ifft2(torch.fft.fft2(flat) / (sigma_y**2 + v * power)).real.reshape(*batch, *self.in_shape)
 
     def _pinv(self, y: Tensor, num_iterations: int = 200, tol: float = 1e-10) -> Tensor:
@@ -260,8 +267,7 @@ class BlurStrideSR(LinearOperator):
 
     def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
         lam = self._gram_eigenvalues(y.dtype, y.device)
-        if torch.is_tensor(v):
-            v = v.to(y.dtype).reshape(-1, *([1] * 3)) if v.ndim else v
+        v = _per_sample(v, y)
         return torch.fft.ifft2(torch.fft.fft2(y) / (sigma_y**2 + v * lam)).real
 
     def _pinv(self, y: Tensor, num_iterations: int = 0, tol: float = 0.0) -> Tensor:
@@ -338,8 +344,7 @@ class BicubicSR(LinearOperator):
         """A A^T = (M M^T) (x) (M M^T) = (Q (x) Q) diag(e_i e_j) (Q (x) Q)^T."""
         Q = self.gram_vec.to(y.dtype)
         lam = self.gram_eig.to(y.dtype)
-        if torch.is_tensor(v) and v.ndim:
-            v = v.to(y.dtype).reshape(-1, *([1] * 3))
+        v = _per_sample(v, y)
         z = Q.T @ y @ Q
         return Q @ (z / (sigma_y**2 + v * lam[:, None] * lam[None, :])) @ Q.T
 
@@ -411,8 +416,7 @@ class Inpainting(LinearOperator):
     def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
         """(sigma_y^2 + v m)^-1 y, diagonal (CoDPS)."""
         flat, batch = _flatten_images(y, self.in_shape)
-        if torch.is_tensor(v) and v.ndim:
-            v = v.to(y.dtype).reshape(-1, *([1] * 3))
+        v = _per_sample(v, y)
         return (flat / (sigma_y**2 + v * self.mask.to(y.dtype))).reshape(*batch, *self.in_shape)
 
 

@@ -33,6 +33,12 @@ def _identity(lam: Tensor) -> Tensor:
     return lam
 
 
+def _posterior_variance(lam: Tensor, c: Tensor) -> Tensor:
+    """V_k = (Sigma_k^-1 + sigma^-2 I)^-1 on the eigenvalues: with lam = lambda + sigma^2 and c = sigma^2,
+    lambda sigma^2 / (lambda + sigma^2) = c (lam - c) / lam."""
+    return c * (lam - c) / lam
+
+
 @dataclass(frozen=True)
 class SpectralCovariance:
     """Covariances Sigma_k = lam_perp_k (I - W_k W_k^T) + W_k diag(lam_k) W_k^T.
@@ -346,7 +352,7 @@ class GaussianMixture:
         m = self.component_means(x, sigma).reshape(*xf.shape[:2], K, self.dim)
         centred = m - (resp[..., None] * m).sum(-2, keepdim=True)
         spread = (resp * (centred * vf[:, :, None]).sum(-1))[..., None] * centred
-        post_var = self._component_apply(vf[:, :, None].expand(-1, -1, K, -1), s2, lambda lam, c: c * (lam - c) / lam)
+        post_var = self._component_apply(vf[:, :, None].expand(-1, -1, K, -1), s2, _posterior_variance)
         return (resp[..., None] * post_var + spread).sum(-2).reshape(x.shape)
 
     def denoiser_jvp(self, x: Tensor, sigma: Tensor | float, v: Tensor) -> Tensor:
@@ -438,7 +444,7 @@ class GaussianMixture:
         m = self.component_means(x, sigma).reshape(P, M, K, self.dim)
         post_var_At = torch.stack(
             [
-                self._component_apply(A[:, e][:, None, None].expand(-1, M, K, -1), s2, lambda lam, c: c * (lam - c) / lam)
+                self._component_apply(A[:, e][:, None, None].expand(-1, M, K, -1), s2, _posterior_variance)
                 for e in range(dy)
             ],
             -1,

@@ -40,20 +40,21 @@ def dps_guidance(
     sigma: float,
     norm: str = "l2",
     clip_denoised: tuple[float, float] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """DPS guidance at state x = s (x0 + sigma n): returns (grad_x loss, x0_hat, per-sample residual norms).
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DPS guidance at state x = s (x0 + sigma n): returns (grad_x loss, x0_hat, per-sample residual norms, x / s).
 
     loss = sum_b ||y - A(x0_hat_b)|| (``l2``) or its square (``l2_squared``), x0_hat = D(x / s, sigma), so that
     grad = J_D^T A^T (A x0_hat - y) / (s ||A x0_hat - y||) per sample for ``l2``.
     """
     x = x.detach().requires_grad_(True)
-    denoised = denoiser(x / scale, torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
+    x_norm = x / scale
+    denoised = denoiser(x_norm, torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
     if clip_denoised is not None:
         denoised = denoised.clamp(*clip_denoised)
     residual = problem.operator.residual_norm(problem.y - problem.operator(denoised))
     loss = residual.sum() if norm == "l2" else residual.pow(2).sum()
     (grad,) = torch.autograd.grad(loss, x)
-    return grad, denoised.detach(), residual.detach()
+    return grad, denoised.detach(), residual.detach(), x_norm.detach()
 
 
 def dps(
@@ -81,10 +82,10 @@ def dps(
         x = x_init
         for i in range(grid.num_steps):
             sigma, sigma_next, s, s_next = sigmas[i], sigmas[i + 1], scales[i], scales[i + 1]
-            grad, denoised, residual = dps_guidance(problem, counted, x, s, sigma, norm, clip_denoised)
+            grad, denoised, residual, x_norm = dps_guidance(problem, counted, x, s, sigma, norm, clip_denoised)
             # A NaN/Inf state shows up in the next residual; checking the (P, n) norms is cheaper than the state.
             check_finite(residual, "DPS residual", i, sigma, f"reduce zeta (now {zeta}) or check the denoiser and operator")
-            x_next = ddim_step(x / s, denoised, sigma, sigma_next, eta, generator)
+            x_next = ddim_step(x_norm, denoised, sigma, sigma_next, eta, generator)
             x = torch.add(x_next.mul_(s_next), grad, alpha=-zeta)
             if callback is not None:
                 callback({"step": i, "sigma": sigma, "x": x, "denoised": denoised, "residual": residual})

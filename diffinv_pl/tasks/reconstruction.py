@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from diffinv_pl.data.distributed import rank_indices
 from diffinv_pl.diffusion.schedules import SamplingGrid
+from diffinv_pl.metrics.fid_stats import load_image
 from diffinv_pl.metrics.image import ImageMetrics
 from diffinv_pl.operators.base import ForwardOperator
 from diffinv_pl.operators.ranges import UNIT, convert_range
@@ -230,7 +231,7 @@ class ReconstructionTask:
         stack = torch.stack(runs)  # (R, B, C, H, W)
         mean, std = stack.mean(0), stack.std(0, unbiased=False)
         scores_mean = self.metrics.per_image(mean, target)
-        scores_runs = [self.metrics.per_image(r, target) for r in runs]
+        scores_runs = [scores_mean] if self.num_runs == 1 else [self.metrics.per_image(r, target) for r in runs]
         # a batched solver call's cost is shared equally by its samples
         cost_keys = ("denoiser_calls", "operator_forward_calls", "operator_adjoint_calls", "wall_time_s")
         cost = {k: sum(c[k] for c in costs) / len(keys) for k in cost_keys}
@@ -290,12 +291,13 @@ class ReconstructionTask:
         """FID of all reconstructions against all targets (or the metric's reference statistics), from the saved
         files, so it covers resumed and multi-rank runs alike."""
 
+        channels = self.operator.in_shape[0]
+
         def load(key: str, name: str) -> Tensor:
             folder = self.output_dir / "samples" / _safe_key(key)
             if (folder / f"{name}.npy").exists():
                 return torch.from_numpy(np.load(folder / f"{name}.npy"))
-            arr = np.asarray(Image.open(folder / f"{name}.png"), dtype=np.float32) / 255.0
-            return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            return load_image(folder / f"{name}.png", channels=channels)
 
         for start in range(0, len(rows), chunk):
             keys = [r["key"] for r in rows[start : start + chunk]]
