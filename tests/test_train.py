@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from diffinv_pl.data.gmm_samples import GMMSampleDataModule
 from diffinv_pl.priors.mlp import MLPDenoiserNet
-from diffinv_pl.tasks.diffusion_training import EDMDenoiserTask, edm_loss
+from diffinv_pl.diffusion.losses import EDMObjective, denoising_loss
+from diffinv_pl.tasks.diffusion_training import DiffusionTask
 from diffinv_pl.training import run_training
 
 QUIET = ["+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
@@ -40,25 +41,26 @@ def _validate(model: L.LightningModule, data: L.LightningDataModule) -> dict[str
 def test_edm_loss_of_zero_network_matches_hand_computation():
     # sigma = 1, sigma_data = 0.5: c_skip = 0.25 / 1.25 = 0.2, lambda = 1.25 / 0.25 = 5.
     # x0 = (1, -1), n = (1, 1): D = 0.2 (x0 + n) = (0.4, 0); ||D - x0||^2 / d = (0.36 + 1) / 2 = 0.68; loss = 3.4.
-    task = EDMDenoiserTask(ZeroNet(), sigma_data=0.5)
+    objective = EDMObjective(sigma_data=0.5)
+    denoiser = objective.precondition(ZeroNet())
     x0 = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
-    loss = edm_loss(task.denoiser, x0, torch.tensor([1.0], dtype=torch.float64), torch.ones_like(x0), 0.5)
+    loss = denoising_loss(denoiser, objective, x0, torch.tensor([1.0], dtype=torch.float64), torch.ones_like(x0)).mean()
     assert loss.item() == pytest.approx(3.4, rel=1e-12)
     # batch mean of per-sample terms; second sample sigma = 2: c_skip = 0.25 / 4.25, lambda = 4.25 / 1 = 4.25.
     x0b = torch.tensor([[1.0, -1.0], [2.0, 0.0]], dtype=torch.float64)
     c = 0.25 / 4.25
     second = 4.25 * ((c * 2 - 2) ** 2 + 0.0) / 2  # noise 0 for the second sample
     noise = torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
-    loss_b = edm_loss(task.denoiser, x0b, torch.tensor([1.0, 2.0], dtype=torch.float64), noise, 0.5)
+    loss_b = denoising_loss(denoiser, objective, x0b, torch.tensor([1.0, 2.0], dtype=torch.float64), noise).mean()
     assert loss_b.item() == pytest.approx((3.4 + second) / 2, rel=1e-12)
 
 
 def test_untrained_mlp_is_c_skip_and_sigma_is_lognormal():
     net = MLPDenoiserNet(dim=4, hidden_dim=16, num_blocks=2)
-    task = EDMDenoiserTask(net, sigma_data=0.5, p_mean=-1.2, p_std=1.2)
+    task = DiffusionTask(net, objective_params={"sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2}, model_range=None)
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(task.denoiser(x, 2.0), x * (0.25 / 4.25), rtol=1e-6, atol=0)  # zero-initialised output layer: D = c_skip x
-    log_sigma = task.sample_sigma(20000, torch.Generator().manual_seed(0)).log()
+    log_sigma = task.objective.sample_sigma(20000, torch.Generator().manual_seed(0)).log()
     assert log_sigma.mean().item() == pytest.approx(-1.2, abs=4 * 1.2 / math.sqrt(20000))
     assert log_sigma.std().item() == pytest.approx(1.2, rel=0.03)
     with pytest.raises(ValueError, match="shape"):
@@ -79,8 +81,7 @@ def test_run_training_lowers_error_to_exact_denoiser(tmp_path):
     assert math.isfinite(metrics["train/loss"])
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    net = instantiate(cfg.model.net)
-    restored = EDMDenoiserTask.load_from_checkpoint(last, net=net)
+    restored = DiffusionTask.load_from_checkpoint(last)  # the network config is stored in the checkpoint
     assert restored.hparams.lr == cfg.model.lr
     assert _validate(restored, data)["val/mse_vs_exact"] == pytest.approx(metrics["val/mse_vs_exact"], rel=1e-5)
 

@@ -3,7 +3,9 @@
 ``x`` is in the variance-exploding form ``x = x0 + sigma * n`` and ``sigma`` is a tensor broadcastable to the batch
 dimension ``x.shape[0]`` (a scalar is allowed). The wrapped networks know nothing of noise parameterisation: they
 receive ``(c_in * x, c_noise)`` and return a raw output ``F`` that the wrapper mixes as
-``D = c_skip * x + c_out * F`` (Karras et al. 2022, Table 1).
+``D = c_skip * x + c_out * F`` (Karras et al. 2022, Table 1). Extra keyword arguments of a wrapper call (e.g. the
+positional channels ``pos`` of a patch network) are passed to the network unchanged: conditioning inputs are not
+scaled by c_in (PaDIS, methods.md §3.2).
 """
 
 from __future__ import annotations
@@ -47,14 +49,14 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, **net_kwargs: Tensor) -> Tensor:
         sigma = broadcast_sigma(sigma, x)
         sd2 = self.sigma_data**2
         c_skip = sd2 / (sigma**2 + sd2)
         c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
         c_in = 1.0 / (sigma**2 + sd2).sqrt()
         c_noise = (sigma.log() / 4).reshape(-1).expand(x.shape[0])
-        return c_skip * x + c_out * self.net(c_in * x, c_noise)
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, **net_kwargs)
 
 
 class VEPrecond(nn.Module):
@@ -64,10 +66,10 @@ class VEPrecond(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, **net_kwargs: Tensor) -> Tensor:
         sigma = broadcast_sigma(sigma, x)
         c_noise = (0.5 * sigma).log().reshape(-1).expand(x.shape[0])
-        return x + sigma * self.net(x, c_noise)
+        return x + sigma * self.net(x, c_noise, **net_kwargs)
 
 
 class VPEpsPrecond(nn.Module):
@@ -94,11 +96,11 @@ class VPEpsPrecond(nn.Module):
         self.beta_d = beta_d
         self.learned_variance = learned_variance
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, **net_kwargs: Tensor) -> Tensor:
         sigma = broadcast_sigma(sigma, x)
         c_in = 1.0 / (1.0 + sigma**2).sqrt()
         t = vp_continuous_t(sigma.reshape(-1), self.beta_min, self.beta_d).expand(x.shape[0])
-        eps = self.net(c_in * x, (self.num_train_steps - 1) * t)
+        eps = self.net(c_in * x, (self.num_train_steps - 1) * t, **net_kwargs)
         if self.learned_variance:
             eps = eps[:, : x.shape[1]]
         if eps.shape != x.shape:

@@ -320,3 +320,61 @@ def _check_sizes(patch_sizes: Sequence[int]) -> list[int]:
     if len(set(sizes)) != len(sizes):
         raise ValueError(f"patch sizes must be distinct, got {sizes}")
     return sorted(sizes)
+
+
+@dataclass(frozen=True)
+class PatchTraining:
+    """Patch-mode training set-up (PaDIS, methods.md §3.2): each iteration draws one patch size P from
+    ``probabilities`` and cuts ``multipliers[P]`` random P x P patches (with positional channels) from every image of
+    the batch, so a batch of B images gives B m(P) patches.
+
+    PaDIS cuts one patch from each of ``batch_gpu x m(P)`` distinct images; here the data loader's B images are each
+    reused m(P) times with independent positions, which gives the same number of patches per step without a
+    size-dependent loader (the patches of one image are different crops, as in upstream's repeated images).
+    """
+
+    convention: PositionalConvention
+    probabilities: Mapping[int, float]
+    multipliers: Mapping[int, int]
+
+    def __post_init__(self):
+        probs = check_probabilities(self.probabilities)
+        object.__setattr__(self, "probabilities", probs)
+        mult = {int(s): int(v) for s, v in self.multipliers.items()}
+        missing = sorted(set(probs) - set(mult))
+        if missing or any(v < 1 for v in mult.values()):
+            raise ValueError(f"multipliers need an int >= 1 for every patch size {sorted(probs)}, got {mult}")
+        object.__setattr__(self, "multipliers", {s: mult[s] for s in probs})
+        for s in probs:
+            _check_patch(self.convention, s)
+
+    @classmethod
+    def build(
+        cls,
+        canvas_size: int,
+        pad_width: int,
+        normalization: str = "canvas",
+        patch_sizes: Sequence[int] | str = PADIS_PATCH_SIZES,
+        real_p: float = 0.5,
+        small_weights: Sequence[float] | None = None,
+        multipliers: Mapping[int, int] | None = None,
+    ) -> PatchTraining:
+        """From config values: ``patch_sizes`` a list or ``"patch_diffusion"`` ((R//4, R//2, R), the largest patch
+        the whole padded canvas); ``multipliers`` None uses the upstream table (:func:`batch_multipliers`)."""
+        convention = PositionalConvention(int(canvas_size), int(pad_width), normalization)
+        if isinstance(patch_sizes, str):
+            if patch_sizes != "patch_diffusion":
+                raise ValueError(f"patch_sizes must be a list of ints or 'patch_diffusion', got {patch_sizes!r}")
+            sizes = list(patch_diffusion_sizes(convention))
+        else:
+            sizes = [int(s) for s in patch_sizes]
+        probs = patch_size_probabilities(real_p, sizes, small_weights)
+        mult = batch_multipliers(sizes) if multipliers is None else {int(k): int(v) for k, v in multipliers.items()}
+        return cls(convention, probs, mult)
+
+    def cut(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
+        """(patches (B m, C, P, P), pos (B m, 2, P, P), P) from (B, C, N, N) ``images``; all draws from ``generator``."""
+        size = draw_patch_size(self.probabilities, generator)
+        repeated = images.repeat_interleave(self.multipliers[size], dim=0)
+        patches, pos, _ = sample_patches(repeated, self.convention, size, generator)
+        return patches, pos, size

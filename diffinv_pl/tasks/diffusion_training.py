@@ -1,132 +1,449 @@
-"""Lightning task that trains a denoiser with the EDM objective (Karras et al. 2022, §5 and Table 1).
+"""``DiffusionTask``: train a diffusion denoiser D(x, sigma) on whole images, PaDIS patches or flat vectors.
 
-Training pairs are x = x0 + sigma n with n ~ N(0, I) and ln(sigma) ~ N(P_mean, P_std^2). The loss is
+Objective (:mod:`diffinv_pl.diffusion.losses`): L = E[lambda(sigma) ||D(x0 + sigma n, sigma) - x0||^2 / d] with the
+EDM (default: ln sigma ~ N(-1.2, 1.2^2), sigma_data 0.5), VP or VE choice of sigma distribution, weight and
+preconditioning. Noise levels are in model-range units: image data in ``data_range`` (e.g. [0, 1]) are mapped
+affinely to ``model_range`` (default [-1, 1]) before training, and that pair is stored in the checkpoint.
 
-    L = E_{x0, sigma, n} [ lambda(sigma) ||D(x0 + sigma n, sigma) - x0||^2 / d ],
-    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
+Patch mode (``patch`` set, PaDIS §3.2): every step draws a patch size P, cuts m(P) random P x P patches per image from
+the zero-padded image and trains the network on them with two positional channels (x, y) that it receives
+unscaled. The :class:`PositionalConvention` (canvas size, padding, normalisation) is written into every checkpoint and
+checked when one is loaded (:mod:`diffinv_pl.priors.checkpoints`) or resumed.
 
-with d the number of elements of one sample (the mean over elements instead of EDM's sum, so values do not grow with
-the data size) and D the EDM-preconditioned network. The weight makes the effective training target of the raw
-network unit-variance at every sigma. sigma and sigma_data are in data units.
+Determinism: sigma, noise, patch sizes and positions come from generators seeded by (seed, epoch, batch index,
+rank), and dropout runs under a forked global RNG seeded the same way, so a run resumed from a checkpoint repeats the
+losses of an uninterrupted run exactly; nothing depends on the global RNG state.
+
+Training extras: EMA of the denoiser weights (``torch.optim.swa_utils.AveragedModel``) with EDM's half-life
+schedule, beta = 0.5 ** (images per step / min(halflife_images, rampup_ratio * images seen)); linear learning-rate
+warm-up over ``warmup_steps`` optimizer steps; non-finite gradients set to zero (EDM); gradient clipping and mixed
+precision come from the Trainer (``trainer.gradient_clip_val``, ``trainer.precision=bf16-mixed``).
+
+Logged: ``train/loss``; ``train/loss_sigma_<band>`` (mean loss of the examples whose sigma falls in each band of
+``sigma_bands``); ``val/loss`` (EMA model, fixed noise per validation batch); for images ``val/psnr_gain_sigma<s>``
+(PSNR of D(x + s n) minus PSNR of x + s n, in dB on the data range, whole images, patch models through the
+assembled denoiser); for data modules exposing an exact ``prior`` (GMM) ``val/mse_vs_exact``; every
+``sample_every_n_epochs`` a grid of EMA samples (EDM Heun sampler) saved as PNG under ``<log dir>/samples`` and sent
+to W&B when a W&B logger is attached.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
-from diffinv_pl.diffusion.preconditioning import Denoiser, EDMPrecond
+from diffinv_pl.diffusion.losses import build_objective, denoising_loss
+from diffinv_pl.diffusion.preconditioning import Denoiser
+from diffinv_pl.diffusion.schedules import edm_sigmas
+from diffinv_pl.operators.ranges import convert_range
 from diffinv_pl.priors.analytic import GaussianMixture
+from diffinv_pl.priors.checkpoints import CHECKPOINT_FORMAT
+from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
+from diffinv_pl.priors.patches import PatchTraining, PositionalConvention
+from diffinv_pl.utils.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
-def edm_loss_weight(sigma: Tensor, sigma_data: float) -> Tensor:
-    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out(sigma)^2."""
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+def step_seed(*parts: int | str) -> int:
+    """63-bit seed from sha256 of the parts joined by '/' (e.g. seed, epoch, batch index, rank)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def edm_loss(denoiser: Denoiser, x0: Tensor, sigma: Tensor, noise: Tensor, sigma_data: float) -> Tensor:
-    """Batch mean of lambda(sigma) ||D(x0 + sigma n, sigma) - x0||^2 / d for x0, noise (B, ...) and sigma (B,)."""
-    if sigma.shape != (x0.shape[0],) or noise.shape != x0.shape:
-        raise ValueError(f"need sigma ({x0.shape[0]},) and noise {tuple(x0.shape)}, got {tuple(sigma.shape)}, {tuple(noise.shape)}")
-    s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-    denoised = denoiser(x0 + s * noise, sigma)
-    per_sample = (denoised - x0).square().flatten(1).mean(1)
-    return (edm_loss_weight(sigma, sigma_data) * per_sample).mean()
+def ema_beta(images_per_step: int, images_seen: int, halflife_images: float, rampup_ratio: float | None) -> float:
+    """EDM's EMA decay per step: 0.5 ** (images_per_step / h), h = min(halflife, rampup_ratio * images_seen)."""
+    halflife = halflife_images
+    if rampup_ratio is not None:
+        halflife = min(halflife, images_seen * rampup_ratio)
+    return 0.5 ** (images_per_step / max(halflife, 1e-8))
 
 
-class EDMDenoiserTask(L.LightningModule):
-    """Train ``net`` behind :class:`EDMPrecond`; the trained model is ``task.denoiser``, called as D(x, sigma).
+class DiffusionTask(L.LightningModule):
+    """Train a denoiser with a diffusion objective; the model used for inference is :attr:`ema_denoiser`.
 
     Args:
-        net: raw network called as ``net(c_in * x, c_noise)`` with c_noise (B,), returning x's shape.
-        sigma_data: data standard deviation assumed by the preconditioning and the loss weight.
-        p_mean, p_std: training noise levels ln(sigma) ~ N(p_mean, p_std^2).
-        lr, weight_decay: AdamW parameters.
-        warmup_steps: linear learning-rate warm-up from lr / warmup_steps to lr over this many optimizer steps
-            (0: constant lr).
-        val_sigmas: noise levels at which validation compares D with the exact denoiser of the datamodule's
-            ``prior`` (a :class:`GaussianMixture`), when it has one.
-
-    Logged: ``train/loss``; ``val/loss`` (same objective with noise fixed per validation batch, so epochs compare);
-    with an exact prior, ``val/mse_vs_exact`` (mean over ``val_sigmas`` of the per-element mean squared difference
-    between D and E[x0 | x], in squared data units) and ``val/mse_vs_exact_sigma<s>`` per noise level.
+        net: the raw network ``net(x_in, c_noise[, pos])``, or its Hydra config (a mapping with ``_target_``; then
+            stored in the checkpoint so :func:`diffinv_pl.priors.checkpoints.load_diffusion_prior` can rebuild it).
+        objective: ``edm`` | ``vp`` | ``ve``; ``objective_params`` its parameters (e.g. sigma_data, p_mean, p_std).
+        image_channels: channels the network denoises (checked against the data at fit start); None for vectors.
+        data_range, model_range: affine map applied to every batch (None: data used as is).
+        patch: None (whole images) or the arguments of :meth:`PatchTraining.build` (canvas_size, pad_width,
+            normalization, patch_sizes, real_p, small_weights, multipliers).
+        lr, betas, eps, weight_decay: Adam(W) parameters; warmup_steps: linear warm-up (0: none).
+        ema_halflife_images: EMA half-life in training examples (images, or vectors), None disables the EMA;
+            ema_rampup_ratio: EDM's ramp-up (None: none).
+        zero_nonfinite_grads: replace NaN/Inf gradient entries by 0 before each optimizer step (EDM).
+        sigma_bands: increasing sigma edges of the per-band loss logging.
+        val_sigmas: noise levels of the validation PSNR gain (images) or exact-denoiser comparison (GMM).
+        sample_every_n_epochs: 0 disables sample grids; sample_steps, num_sample_images, sample_sigma_max: the EDM
+            Heun sampler of the grids (sigma_min 0.002, rho 7).
+        inference_patch_size: P of the assembled whole-image denoiser of a patch model (None: the largest training
+            patch size).
+        seed: seed of every training and validation random draw.
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        sigma_data: float = 0.5,
-        p_mean: float = -1.2,
-        p_std: float = 1.2,
-        lr: float = 1e-3,
+        net: nn.Module | Mapping,
+        objective: str = "edm",
+        objective_params: Mapping[str, float] | None = None,
+        image_channels: int | None = None,
+        data_range: Sequence[float] | None = None,
+        model_range: Sequence[float] | None = (-1.0, 1.0),
+        patch: Mapping[str, Any] | None = None,
+        lr: float = 1e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        val_sigmas: Sequence[float] = (0.2, 1.0, 5.0),
+        ema_halflife_images: float | None = 500_000,
+        ema_rampup_ratio: float | None = 0.05,
+        zero_nonfinite_grads: bool = True,
+        sigma_bands: Sequence[float] = (0.1, 0.5, 2.0),
+        val_sigmas: Sequence[float] = (0.2,),
+        sample_every_n_epochs: int = 0,
+        sample_steps: int = 18,
+        num_sample_images: int = 16,
+        sample_sigma_max: float = 80.0,
+        inference_patch_size: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
-        if sigma_data <= 0 or p_std <= 0 or lr <= 0 or weight_decay < 0 or warmup_steps < 0:
+        # Hydra passes DictConfig/ListConfig; the checkpoint must hold plain containers (weights_only loading)
+        objective_params, patch, betas = _plain(objective_params), _plain(patch), _plain(betas)
+        data_range, model_range = _plain(data_range), _plain(model_range)
+        sigma_bands, val_sigmas = _plain(sigma_bands), _plain(val_sigmas)
+        if not (lr > 0 and eps > 0 and weight_decay >= 0 and warmup_steps >= 0 and len(betas) == 2):
             raise ValueError(
-                "need sigma_data > 0, p_std > 0, lr > 0, weight_decay >= 0 and warmup_steps >= 0, got "
-                f"{sigma_data}, {p_std}, {lr}, {weight_decay}, {warmup_steps}"
+                "need lr > 0, eps > 0, weight_decay >= 0, warmup_steps >= 0 and two Adam betas, got "
+                f"{lr}, {eps}, {weight_decay}, {warmup_steps}, {tuple(betas)}"
             )
+        if ema_halflife_images is not None and ema_halflife_images <= 0:
+            raise ValueError(f"ema_halflife_images must be > 0 or null, got {ema_halflife_images}")
+        bands = [float(s) for s in sigma_bands]
+        if any(b <= 0 for b in bands) or bands != sorted(set(bands)):
+            raise ValueError(f"sigma_bands must be increasing positive edges, got {bands}")
         val_sigmas = tuple(float(s) for s in val_sigmas)
         if not val_sigmas or min(val_sigmas) <= 0:
             raise ValueError(f"val_sigmas must be a non-empty list of positive noise levels, got {val_sigmas}")
+        if sample_every_n_epochs < 0 or sample_steps < 1 or num_sample_images < 1:
+            raise ValueError("need sample_every_n_epochs >= 0, sample_steps >= 1 and num_sample_images >= 1")
+        if (data_range is None) != (model_range is None) and data_range is not None:
+            raise ValueError("data_range needs a model_range (or set both to null)")
+        net_config = _plain(net) if isinstance(net, Mapping) else None
+        if net_config is not None:
+            net_config.pop("_recursive_", None)
         self.save_hyperparameters(ignore=["net"])
-        self.denoiser = EDMPrecond(net, sigma_data)
-        self.val_sigmas = val_sigmas
+        self.hparams["net"] = net_config
+        self.objective = build_objective(objective, **dict(objective_params or {}))
+        network = instantiate(net_config) if net_config is not None else net
+        if not isinstance(network, nn.Module):
+            raise TypeError(f"net must be an nn.Module or its config, got {type(network).__name__}")
+        self.denoiser: nn.Module = self.objective.precondition(network)
+        self.patch = PatchTraining.build(**dict(patch)) if patch is not None else None
+        self._check_network_channels(network)
+        self.ema: AveragedModel | None = None
+        if ema_halflife_images is not None:
+            self.ema = AveragedModel(self.denoiser, avg_fn=self._ema_update, use_buffers=True)
+            self.ema.requires_grad_(False)
+        self.data_range = tuple(float(v) for v in data_range) if data_range is not None else None
+        self.model_range = tuple(float(v) for v in model_range) if model_range is not None else None
+        self._images_per_step = 0
 
-    def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        return self.denoiser(x, sigma)
+    # ------------------------------------------------------------------------------------------------------------
+    # models
 
-    def sample_sigma(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n training noise levels sigma = exp(p_mean + p_std z), z ~ N(0, 1), shape (n,) on CPU when a generator is given."""
-        device = "cpu" if generator is not None else self.device
-        z = torch.randn(n, generator=generator, device=device)
-        return (self.hparams.p_mean + self.hparams.p_std * z).exp()
+    @property
+    def convention(self) -> PositionalConvention | None:
+        return self.patch.convention if self.patch is not None else None
 
-    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        (x0,) = batch
-        sigma = self.sample_sigma(x0.shape[0]).to(x0.dtype)
-        loss = edm_loss(self.denoiser, x0, sigma, torch.randn_like(x0), self.hparams.sigma_data)
-        self.log("train/loss", loss, prog_bar=True)
+    @property
+    def ema_denoiser(self) -> nn.Module:
+        """The denoiser used for validation, sampling and export: the EMA copy when enabled."""
+        return self.ema.module if self.ema is not None else self.denoiser
+
+    def whole_image_denoiser(self, generator: torch.Generator | None = None) -> Denoiser:
+        """D(x, sigma) on whole images: the EMA denoiser, assembled from patches in patch mode (random shifts)."""
+        if self.patch is None:
+            return self.ema_denoiser
+        size = self.hparams.inference_patch_size or max(self.patch.probabilities)
+        return PatchAssembledDenoiser(self.ema_denoiser, self.patch.convention, int(size), generator)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, **net_kwargs: Tensor) -> Tensor:
+        return self.denoiser(x, sigma, **net_kwargs)
+
+    def _check_network_channels(self, network: nn.Module) -> None:
+        c = self.hparams.image_channels
+        net_c = getattr(network, "image_channels", None)
+        if c is not None and net_c is not None and net_c != c:
+            raise ValueError(f"image_channels={c} but the network denoises {net_c} channel(s): make them equal")
+        cond = getattr(network, "cond_channels", None)
+        if cond is not None and (cond == 2) != (self.patch is not None):
+            raise ValueError(
+                f"the network has {cond} conditioning channel(s) but patch mode is "
+                f"{'on' if self.patch is not None else 'off'}: patch training needs cond_channels=2, whole images 0"
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # data
+
+    def _images(self, batch: Any) -> Tensor:
+        if isinstance(batch, Mapping):
+            x = batch["image"]
+        elif isinstance(batch, (tuple, list)):
+            x = batch[0]
+        else:
+            x = batch
+        if self.data_range is not None:
+            x = convert_range(x, self.data_range, self.model_range)
+        return x
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        data_c = getattr(dm, "channels", None)
+        model_c = self.hparams.image_channels
+        if data_c is not None and model_c is not None and data_c != model_c:
+            raise ValueError(
+                f"the data has {data_c} channel(s) but the model expects {model_c}: set the data's mode (L = 1, "
+                f"RGB = 3) or model.image_channels / model.net.image_channels to match"
+            )
+        size = getattr(dm, "image_size", None)
+        n = self.patch.convention.canvas_size if self.patch is not None else None
+        if n is not None and size is not None and tuple(size) != (n, n):
+            raise ValueError(f"images are {tuple(size)} px but model.patch.canvas_size is {n}: make them equal")
+
+    def _generators(self, stage: str, batch_idx: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """(CPU generator for sigma and patches, generator on ``device`` for the noise) of one step."""
+        epoch = self.current_epoch if stage == "train" else 0
+        seed = step_seed(self.hparams.seed, stage, epoch, batch_idx, self.global_rank)
+        cpu = torch.Generator().manual_seed(seed)
+        dev = torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
+        return cpu, dev
+
+    def _loss_terms(self, denoiser: nn.Module, x0: Tensor, cpu_gen: torch.Generator, dev_gen: torch.Generator):
+        """(per-example loss (K,), sigma (K,), patch size or None) for one batch of model-range data."""
+        size = None
+        net_kwargs = {}
+        if self.patch is not None:
+            x0, pos, size = self.patch.cut(x0, cpu_gen)
+            net_kwargs["pos"] = pos
+        sigma = self.objective.sample_sigma(x0.shape[0], cpu_gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=dev_gen, device=x0.device, dtype=x0.dtype)
+        return denoising_loss(denoiser, self.objective, x0, sigma, noise, **net_kwargs), sigma, size
+
+    # ------------------------------------------------------------------------------------------------------------
+    # training
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x0 = self._images(batch)
+        cpu_gen, dev_gen = self._generators("train", batch_idx, x0.device)
+        devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=x0.device.type if devices else "cuda"):
+            torch.manual_seed(cpu_gen.initial_seed() ^ 0x2545F491)  # dropout: a pure function of the step
+            per_example, sigma, size = self._loss_terms(self.denoiser, x0, cpu_gen, dev_gen)
+        loss = per_example.mean()
+        self._images_per_step = x0.shape[0] * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        self.log("train/loss", loss, prog_bar=True, batch_size=per_example.shape[0], sync_dist=False)
+        if size is not None:
+            self.log("train/patch_size", float(size), batch_size=1)
+        self._log_sigma_bands(per_example.detach(), sigma)
         return loss
 
-    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
-        (x0,) = batch
-        gen = torch.Generator().manual_seed(batch_idx)  # same noise every epoch for a given batch
-        sigma = self.sample_sigma(x0.shape[0], gen).to(x0)
-        noise = torch.randn(x0.shape, generator=gen).to(x0)
-        loss = edm_loss(self.denoiser, x0, sigma, noise, self.hparams.sigma_data)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        prior = getattr(self.trainer.datamodule, "prior", None)
-        if isinstance(prior, GaussianMixture):
-            errors = self.mse_vs_exact(x0, prior, gen)
-            for s, err in errors.items():
-                self.log(f"val/mse_vs_exact_sigma{s:g}", err, sync_dist=True)
-            self.log("val/mse_vs_exact", torch.stack(list(errors.values())).mean(), prog_bar=True, sync_dist=True)
+    def _log_sigma_bands(self, per_example: Tensor, sigma: Tensor) -> None:
+        edges = [0.0, *self.hparams.sigma_bands, math.inf]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            inside = (sigma >= lo) & (sigma < hi)
+            count = int(inside.sum())
+            if count:
+                name = f"lt{hi:g}" if lo == 0 else (f"ge{lo:g}" if hi == math.inf else f"{lo:g}-{hi:g}")
+                self.log(
+                    f"train/loss_sigma_{name}",
+                    per_example[inside.to(per_example.device)].mean(),
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=count,
+                )
 
-    @torch.no_grad()
-    def mse_vs_exact(self, x0: Tensor, prior: GaussianMixture, generator: torch.Generator) -> dict[float, Tensor]:
-        """Per sigma in ``val_sigmas``: mean over elements of (D(x, sigma) - E_prior[x0 | x])^2 at x = x0 + sigma n.
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self.hparams.zero_nonfinite_grads:
+            return
+        for p in self.parameters():
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
 
-        The exact Tweedie mean is computed in the prior's dtype (float64); noise comes from ``generator`` (CPU).
-        """
-        prior = prior.to(device=x0.device)
-        errors = {}
-        for s in self.val_sigmas:
-            x = x0 + s * torch.randn(x0.shape, generator=generator).to(x0)
-            exact = prior.denoise(x.to(prior.means.dtype), s)
-            errors[s] = (self.denoiser(x, s).to(exact.dtype) - exact).square().mean()
-        return errors
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.ema.update_parameters(self.denoiser)
+
+    def _ema_update(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        per_step = max(self._images_per_step, 1)
+        beta = ema_beta(per_step, int(num_averaged) * per_step, self.hparams.ema_halflife_images, self.hparams.ema_rampup_ratio)
+        return averaged + (current - averaged) * (1.0 - beta)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(
+            self.denoiser.parameters(),
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            eps=self.hparams.eps,
+            weight_decay=self.hparams.weight_decay,
+        )
         warmup = self.hparams.warmup_steps
         if warmup == 0:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # validation
+
+    @torch.no_grad()
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x0 = self._images(batch)
+        cpu_gen, dev_gen = self._generators("val", batch_idx, x0.device)
+        per_example, _, _ = self._loss_terms(self.ema_denoiser, x0, cpu_gen, dev_gen)
+        self.log("val/loss", per_example.mean(), prog_bar=True, sync_dist=True, batch_size=per_example.shape[0])
+        if x0.ndim == 4:
+            for s, gain in self.psnr_gain(x0, cpu_gen, dev_gen).items():
+                self.log(f"val/psnr_gain_sigma{s:g}", gain, sync_dist=True, batch_size=x0.shape[0])
+        prior = getattr(getattr(self.trainer, "datamodule", None), "prior", None)
+        if isinstance(prior, GaussianMixture):
+            errors = self.mse_vs_exact(x0, prior, dev_gen)
+            for s, err in errors.items():
+                self.log(f"val/mse_vs_exact_sigma{s:g}", err, sync_dist=True)
+            self.log("val/mse_vs_exact", torch.stack(list(errors.values())).mean(), prog_bar=True, sync_dist=True)
+
+    @torch.no_grad()
+    def psnr_gain(self, x0: Tensor, cpu_gen: torch.Generator, dev_gen: torch.Generator) -> dict[float, Tensor]:
+        """Per sigma in ``val_sigmas`` (model units): mean over images of PSNR(D(x0 + s n), x0) - PSNR(x0 + s n, x0),
+        PSNRs in dB on the data range (model range when no data range is set), outputs clamped to it."""
+        denoiser = self.whole_image_denoiser(cpu_gen)
+        lo, hi = self.data_range or self.model_range or (float(x0.min()), float(x0.max()))
+        gains = {}
+        for s in self.hparams.val_sigmas:
+            noisy = x0 + s * torch.randn(x0.shape, generator=dev_gen, device=x0.device, dtype=x0.dtype)
+            denoised = denoiser(noisy, torch.full((x0.shape[0],), s, device=x0.device, dtype=x0.dtype))
+            gains[s] = (_psnr(self._to_data(denoised), self._to_data(x0), lo, hi) - _psnr(self._to_data(noisy), self._to_data(x0), lo, hi)).mean()
+        return gains
+
+    def _to_data(self, x: Tensor) -> Tensor:
+        return convert_range(x, self.model_range, self.data_range) if self.data_range is not None else x
+
+    @torch.no_grad()
+    def mse_vs_exact(self, x0: Tensor, prior: GaussianMixture, generator: torch.Generator) -> dict[float, Tensor]:
+        """Per sigma in ``val_sigmas``: mean over elements of (D(x, sigma) - E_prior[x0 | x])^2 at x = x0 + sigma n,
+        the exact Tweedie mean computed in the prior's dtype (float64)."""
+        prior = prior.to(device=x0.device)
+        errors = {}
+        for s in self.hparams.val_sigmas:
+            x = x0 + s * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            exact = prior.denoise(x.to(prior.means.dtype), s)
+            errors[s] = (self.ema_denoiser(x, s).to(exact.dtype) - exact).square().mean()
+        return errors
+
+    def on_validation_epoch_end(self) -> None:
+        every = self.hparams.sample_every_n_epochs
+        if not every or self.trainer.sanity_checking or (self.current_epoch + 1) % every:
+            return
+        size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        if self.hparams.image_channels is None or size is None:
+            return
+        samples = self.sample(self.hparams.num_sample_images, tuple(size), step_seed(self.hparams.seed, "samples"))
+        self._save_sample_grid(samples)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # sampling
+
+    @torch.no_grad()
+    def sample(self, num_images: int, image_size: tuple[int, int], seed: int = 0) -> Tensor:
+        """``num_images`` unconditional samples (data range) by EDM's deterministic Heun sampler (Algorithm 1) on the
+        rho = 7 grid from ``sample_sigma_max`` to 0.002 with ``sample_steps`` levels, using the EMA model; ``image_size``
+        is (H, W)."""
+        gen = torch.Generator().manual_seed(seed)
+        denoiser = self.whole_image_denoiser(gen)
+        sigmas = edm_sigmas(self.hparams.sample_steps, 0.002, self.hparams.sample_sigma_max).tolist() + [0.0]
+        shape = (num_images, self.hparams.image_channels, *image_size)
+        x = sigmas[0] * torch.randn(shape, generator=gen).to(self.device)
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            d = (x - denoiser(x, torch.full((num_images,), s, device=self.device))) / s
+            x_next = x + (s_next - s) * d
+            if s_next > 0:
+                d_next = (x_next - denoiser(x_next, torch.full((num_images,), s_next, device=self.device))) / s_next
+                x_next = x + (s_next - s) * 0.5 * (d + d_next)
+            x = x_next
+        return self._to_data(x).float()
+
+    def _save_sample_grid(self, samples: Tensor) -> None:
+        from torchvision.utils import make_grid  # noqa: PLC0415 (torchvision import is slow; only when sampling)
+        import io
+
+        from PIL import Image
+
+        lo, hi = self.data_range or self.model_range
+        grid = make_grid(((samples - lo) / (hi - lo)).clamp(0, 1).cpu(), nrow=int(math.ceil(math.sqrt(len(samples)))))
+        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        buffer = io.BytesIO()
+        Image.fromarray(array if array.shape[-1] == 3 else array[..., 0]).save(buffer, format="PNG")
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = root / "samples" / f"epoch_{self.current_epoch:04d}.png"
+        if self.trainer.is_global_zero:
+            atomic_write_bytes(path, buffer.getvalue())
+            for logger in self.loggers:
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key="samples", images=[str(path)], step=self.global_step)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["diffinv_pl"] = {
+            "format": CHECKPOINT_FORMAT,
+            "positional_convention": self.convention.to_dict() if self.convention is not None else None,
+            "image_channels": self.hparams.image_channels,
+            "data_range": self.data_range,
+            "model_range": self.model_range,
+            "objective": self.hparams.objective,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get("diffinv_pl")
+        if info is None:
+            return
+        stored = info.get("positional_convention")
+        if (stored is None) != (self.convention is None):
+            raise ValueError(
+                f"checkpoint was trained {'with' if stored else 'without'} patches but this run is "
+                f"{'patch' if self.convention else 'whole-image'} mode"
+            )
+        if stored is not None:
+            self.convention.assert_compatible(stored)
+        if info.get("image_channels") != self.hparams.image_channels:
+            raise ValueError(
+                f"checkpoint has image_channels={info.get('image_channels')} but this run has "
+                f"{self.hparams.image_channels}"
+            )
+
+
+def _psnr(x: Tensor, ref: Tensor, lo: float, hi: float) -> Tensor:
+    """Per-image PSNR in dB of ``x`` clamped to [lo, hi] against ``ref``, data range hi - lo."""
+    mse = (x.clamp(lo, hi) - ref).square().flatten(1).mean(1).clamp_min(1e-20)
+    return 10 * torch.log10((hi - lo) ** 2 / mse)
+
+
+def _plain(value: Any) -> Any:
+    """Plain Python containers for OmegaConf containers (resolved); mappings copied; anything else unchanged."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return dict(value) if isinstance(value, Mapping) else value

@@ -1,0 +1,109 @@
+"""Load a prior trained by ``python train.py`` (a ``DiffusionTask`` Lightning checkpoint) as a denoiser D(x, sigma).
+
+The checkpoint holds the network's Hydra config (``hyper_parameters.net``), the objective (which fixes the
+preconditioning), the weights (``denoiser.*`` and, with EMA, ``ema.module.*``) and a ``diffinv_pl`` block with the
+positional convention, the channel count and the data/model ranges. Nothing is guessed: a checkpoint without these,
+or one whose convention or channel count differs from what the caller expects, is refused with the differences named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from diffinv_pl.diffusion.losses import build_objective
+from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
+from diffinv_pl.priors.patches import PositionalConvention
+
+CHECKPOINT_FORMAT = "diffinv_pl.diffusion_prior/1"
+
+
+@dataclass
+class DiffusionPrior:
+    """A trained denoiser and what it was trained on.
+
+    ``denoiser`` is D(x, sigma[, pos]) on what the network was trained on (patches in patch mode);
+    ``convention`` is None for whole-image models; ranges are (lo, hi) tuples or None.
+    """
+
+    denoiser: nn.Module
+    image_channels: int | None
+    convention: PositionalConvention | None
+    data_range: tuple[float, float] | None
+    model_range: tuple[float, float] | None
+    max_patch_size: int | None
+
+    def whole_image(self, patch_size: int | None = None, generator: torch.Generator | None = None) -> nn.Module:
+        """D(x, sigma) on whole images (model range): the denoiser itself, or patches assembled with random shifts."""
+        if self.convention is None:
+            if patch_size is not None:
+                raise ValueError("patch_size is only meaningful for a patch-trained prior; this one is whole-image")
+            return self.denoiser
+        return PatchAssembledDenoiser(self.denoiser, self.convention, patch_size or self.max_patch_size, generator)
+
+
+def load_diffusion_prior(
+    path: str | Path,
+    use_ema: bool = True,
+    expected_channels: int | None = None,
+    expected_convention: PositionalConvention | dict | None = None,
+    map_location: str | torch.device = "cpu",
+) -> DiffusionPrior:
+    """Rebuild the trained denoiser of a ``DiffusionTask`` checkpoint (module docstring), in eval mode.
+
+    ``expected_channels`` / ``expected_convention``: refuse the checkpoint unless it matches (e.g. an inference
+    config that pads by 24 where training padded by 64).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}: pass the .ckpt written by train.py (checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # noqa: BLE001 (any unpickling failure means the file is not a checkpoint)
+        raise ValueError(f"{str(path)!r} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+    info = ckpt.get("diffinv_pl") if isinstance(ckpt, dict) else None
+    if not info or info.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a diffinv_pl diffusion-prior checkpoint (no {CHECKPOINT_FORMAT!r} block)")
+    hp: dict[str, Any] = ckpt["hyper_parameters"]
+    if not hp.get("net"):
+        raise ValueError(
+            f"{str(path)!r} does not store its network config (the model was built from an nn.Module, not a Hydra "
+            "config): retrain with model.net given as a config"
+        )
+    convention = PositionalConvention.from_dict(info["positional_convention"]) if info["positional_convention"] else None
+    channels = info.get("image_channels")
+    if expected_channels is not None and channels is not None and channels != expected_channels:
+        raise ValueError(
+            f"checkpoint {str(path)!r} denoises {channels} channel(s) but {expected_channels} are expected: use a "
+            "prior trained on data with the same channel count (mode L = 1, RGB = 3)"
+        )
+    if expected_convention is not None:
+        if convention is None:
+            raise ValueError(f"checkpoint {str(path)!r} is a whole-image model but a patch convention was expected")
+        convention.assert_compatible(expected_convention)
+    objective = build_objective(hp["objective"], **dict(hp.get("objective_params") or {}))
+    denoiser = objective.precondition(instantiate(hp["net"]))
+    prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in ckpt["state_dict"]) else "denoiser."
+    if use_ema and prefix != "ema.module.":
+        raise ValueError(f"checkpoint {str(path)!r} has no EMA weights: load it with use_ema=False")
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    denoiser.load_state_dict(state)
+    sizes = hp.get("patch") or {}
+    max_patch = hp.get("inference_patch_size")
+    if convention is not None and max_patch is None:
+        patch_sizes = sizes.get("patch_sizes", (16, 32, 64))
+        max_patch = convention.padded_size if isinstance(patch_sizes, str) else max(int(s) for s in patch_sizes)
+    ranges = {k: tuple(info[k]) if info.get(k) is not None else None for k in ("data_range", "model_range")}
+    return DiffusionPrior(
+        denoiser.eval().requires_grad_(False),
+        channels,
+        convention,
+        ranges["data_range"],
+        ranges["model_range"],
+        max_patch,
+    )

@@ -1,0 +1,313 @@
+"""DiffusionTask: objectives, the U-Net backbone, patch assembly, PaDIS patch training (loss, denoising, checkpoint
+convention), exact resume, EMA, non-finite gradients, bf16, sample grids, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import compose
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from PIL import Image
+
+from diffinv_pl.data.phantoms import CTPhantomDataset, random_ellipses_phantom
+from diffinv_pl.data.training import ImageTrainingDataModule
+from diffinv_pl.diffusion.losses import EDMObjective, VEObjective, VPObjective, build_objective, denoising_loss
+from diffinv_pl.diffusion.schedules import vp_continuous_sigma
+from diffinv_pl.priors.checkpoints import load_diffusion_prior
+from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
+from diffinv_pl.priors.patches import PatchTraining, PositionalConvention, canvas_positional_channels
+from diffinv_pl.priors.unet import UNetDenoiserNet
+from diffinv_pl.tasks.diffusion_training import DiffusionTask, ema_beta
+from diffinv_pl.training import run_training
+
+QUIET = ["+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
+TINY_NET = {
+    "_target_": "diffinv_pl.priors.unet.UNetDenoiserNet",
+    "image_channels": 1,
+    "block_out_channels": [16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+TINY_PATCH = {"canvas_size": 16, "pad_width": 4, "patch_sizes": [4, 8], "real_p": 0.5, "multipliers": {4: 2, 8: 1}}
+
+
+def _tiny_task(patch: bool = True, dropout: float = 0.0, **kwargs) -> DiffusionTask:
+    net = {**TINY_NET, "cond_channels": 2 if patch else 0, "dropout": dropout}
+    defaults = dict(image_channels=1, data_range=(0.0, 1.0), lr=2e-3, ema_halflife_images=64, ema_rampup_ratio=None)
+    return DiffusionTask(net, patch=TINY_PATCH if patch else None, **{**defaults, **kwargs})
+
+
+def _phantom_data(num: int = 16, size: int = 16, batch_size: int = 4) -> ImageTrainingDataModule:
+    return ImageTrainingDataModule(
+        train=CTPhantomDataset(num, seed=11, size=size), val=CTPhantomDataset(4, seed=12, size=size), batch_size=batch_size
+    )
+
+
+def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    base = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    return L.Trainer(**{**base, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# objectives and backbone
+
+
+def test_objective_sigma_distributions_and_weights():
+    gen = torch.Generator().manual_seed(0)
+    ve = VEObjective(sigma_min=0.02, sigma_max=100.0)
+    s = ve.sample_sigma(20000, gen)
+    assert s.min() >= 0.02 and s.max() <= 100.0
+    assert s.log().mean().item() == pytest.approx(0.5 * (math.log(0.02) + math.log(100.0)), abs=0.06)
+    torch.testing.assert_close(ve.weight(torch.tensor([2.0])), torch.tensor([0.25]))
+    vp = VPObjective()
+    s = vp.sample_sigma(20000, gen)
+    assert s.min() >= vp_continuous_sigma(torch.tensor(1e-5)).item() * 0.999 and s.max() <= vp_continuous_sigma(torch.tensor(1.0)).item()
+    edm = EDMObjective()
+    torch.testing.assert_close(edm.weight(torch.tensor([1.0])), torch.tensor([5.0]))  # (1 + 0.25) / 0.25
+    with pytest.raises(ValueError, match="unknown diffusion objective 'foo'; valid: edm, vp, ve"):
+        build_objective("foo")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['sigma_max'\]"):
+        build_objective("edm", sigma_max=3.0)
+
+
+@pytest.mark.parametrize("name", ["edm", "vp", "ve"])
+def test_every_objective_reaches_zero_loss_with_the_exact_denoiser_of_a_point_mass(name):
+    # data = a point mass at c: the exact denoiser is D = c for every sigma, so the loss must be exactly 0, and the
+    # raw network that gives it is F = (c - c_skip x) / c_out: check the preconditioning + loss plumbing end to end.
+    objective = build_objective(name)
+    c = torch.full((3, 1, 4, 4), 0.3, dtype=torch.float64)
+
+    class ExactPointMass(torch.nn.Module):
+        def forward(self, x_in, c_noise):
+            return torch.zeros_like(x_in)
+
+    class Constant(torch.nn.Module):  # D(x, sigma) = c directly
+        def forward(self, x, sigma):
+            return c
+
+    sigma = objective.sample_sigma(3, torch.Generator().manual_seed(1))
+    noise = torch.randn(c.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert denoising_loss(Constant(), objective, c, sigma, noise).abs().max() == 0
+    wrapped = objective.precondition(ExactPointMass())
+    loss = denoising_loss(wrapped, objective, c, sigma, noise)
+    assert loss.shape == (3,) and bool((loss > 0).all())
+
+
+def test_unet_backbone_shapes_and_errors():
+    net = UNetDenoiserNet(image_channels=1, cond_channels=2, block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8)
+    x, pos = torch.randn(2, 1, 8, 8), torch.zeros(2, 2, 8, 8)
+    assert net(x, torch.zeros(2), pos=pos).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="needs 2 conditioning"):
+        net(x, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"expected \(B, 1, H, W\).*image_channels"):
+        net(torch.randn(2, 3, 8, 8), torch.zeros(2), pos=pos)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        net(torch.randn(2, 1, 7, 7), torch.zeros(2), pos=torch.zeros(2, 2, 7, 7))
+    with pytest.raises(ValueError, match="divisible by norm_num_groups"):
+        UNetDenoiserNet(block_out_channels=(12,), norm_num_groups=8)
+
+
+def test_task_refuses_network_that_does_not_match_patch_mode():
+    with pytest.raises(ValueError, match="patch training needs cond_channels=2"):
+        DiffusionTask({**TINY_NET, "cond_channels": 0}, image_channels=1, patch=TINY_PATCH)
+    with pytest.raises(ValueError, match="image_channels=3 but the network denoises 1"):
+        DiffusionTask({**TINY_NET, "cond_channels": 0}, image_channels=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# patch assembly and patch cutting
+
+
+@pytest.mark.parametrize(("n", "m", "p"), [(16, 4, 8), (16, 3, 5), (16, 0, 8), (256, 24, 56)])
+def test_assembled_denoiser_is_exact_for_pointwise_and_positional_patch_denoisers(n, m, p):
+    convention = PositionalConvention(n, m)
+    calls = []
+
+    def pointwise(x, sigma, pos):
+        calls.append(x.shape[0])
+        return 2 * x - sigma.reshape(-1, 1, 1, 1)
+
+    x = torch.rand(2, 1, n, n, dtype=torch.float64)
+    d = PatchAssembledDenoiser(pointwise, convention, p, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(d(x, 0.3), 2 * x - 0.3, rtol=0, atol=1e-12)
+    per_side = math.ceil((n + m) / p)
+    assert calls == [2 * per_side**2]
+    if (n, m, p) == (256, 24, 56):
+        assert per_side**2 == 25  # PaDIS's 5 x 5 grid
+
+    # a patch "denoiser" returning its x / y positional channel must give the canvas coordinates at the image, for
+    # every shift: the coordinates are cut from the right place and the patches written back to the right place
+    coords = canvas_positional_channels(convention, dtype=torch.float64)[:, m : m + n, m : m + n]
+    for channel in (0, 1):
+        d = PatchAssembledDenoiser(lambda z, s, pos, c=channel: pos[:, c : c + 1], convention, p)
+        for shift in {(0, 0), (max(m - 1, 0), 0), (0, max(m - 1, 0)), (m // 2, max(m - 1, 0))}:
+            torch.testing.assert_close(d(x, 1.0, shift=shift)[0, 0], coords[channel], rtol=0, atol=1e-12)
+
+
+def test_assembled_denoiser_errors():
+    d = PatchAssembledDenoiser(lambda z, s, pos: z, PositionalConvention(16, 4), 8)
+    with pytest.raises(ValueError, match="canvas_size"):
+        d(torch.zeros(1, 1, 12, 12), 1.0)
+    with pytest.raises(ValueError, match=r"shift \(4, 0\) must lie in \[0, 3\]"):
+        d(torch.zeros(1, 1, 16, 16), 1.0, shift=(4, 0))
+
+
+def test_patch_training_cut_positions_match_canvas_coordinates():
+    pt = PatchTraining.build(**TINY_PATCH)
+    images = torch.rand(3, 1, 16, 16)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    canvas = canvas_positional_channels(pt.convention)
+    gen = torch.Generator().manual_seed(3)
+    seen = set()
+    for _ in range(20):
+        patches, pos, size = pt.cut(images, gen)
+        seen.add(size)
+        m = pt.multipliers[size]
+        assert patches.shape == (3 * m, 1, size, size) and pos.shape == (3 * m, 2, size, size)
+        for k in range(3 * m):
+            # locate the patch by its coordinates, then check both the pixels and the coordinates there
+            top = int(round((pos[k, 1, 0, 0].item() / 2 + 0.5) * (pt.convention.padded_size - 1)))
+            left = int(round((pos[k, 0, 0, 0].item() / 2 + 0.5) * (pt.convention.padded_size - 1)))
+            torch.testing.assert_close(pos[k], canvas[:, top : top + size, left : left + size])
+            torch.testing.assert_close(patches[k], padded[k // m, :, top : top + size, left : left + size])
+    assert seen == {4, 8}
+    with pytest.raises(ValueError, match="multipliers need an int >= 1 for every patch size"):
+        PatchTraining.build(**{**TINY_PATCH, "multipliers": {4: 2}})
+    with pytest.raises(ValueError, match="larger than the padded canvas"):
+        PatchTraining.build(**{**TINY_PATCH, "patch_sizes": [8, 32], "multipliers": None})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training
+
+
+def _validate(model, data) -> dict[str, float]:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return {k: float(v) for k, v in trainer.validate(model, datamodule=data, verbose=False)[0].items()}
+
+
+def test_tiny_padis_ct_lowers_loss_and_denoises_held_out_phantoms(tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose("train", ["experiment=padis_ct_tiny", "trainer.max_epochs=6", f"paths.output_dir={tmp_path}", *QUIET])
+    L.seed_everything(cfg.seed)
+    before = _validate(instantiate(cfg.model), instantiate(cfg.data))
+    metrics = run_training(cfg)
+    # Measured (1 thread, 6 epochs, ~30 s): val/loss 1.02 -> 0.71, val/psnr_gain_sigma0.2 -0.2 -> +2.7 dB.
+    assert metrics["val/loss"] < 0.85 * before["val/loss"]
+    assert metrics["val/psnr_gain_sigma0.2"] > 1.5
+
+    prior = load_diffusion_prior(tmp_path / "checkpoints" / "last.ckpt", expected_channels=1)
+    assert prior.convention == PositionalConvention(32, 8) and prior.max_patch_size == 16
+    held_out = torch.stack([random_ellipses_phantom(i, 424242, 32) for i in range(8)])  # a seed never trained on
+    x0 = 2 * held_out - 1  # model range [-1, 1]
+    noisy = x0 + 0.2 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        denoised = prior.whole_image(generator=torch.Generator().manual_seed(0))(noisy, 0.2)
+
+    def psnr(x):  # on [0, 1], i.e. data range 2 in model units
+        return (10 * torch.log10(4 / (x.clamp(-1, 1) - x0).square().flatten(1).mean(1))).mean().item()
+
+    assert psnr(denoised) > psnr(noisy) + 1.5
+
+    with pytest.raises(ValueError, match=r"pad_width: 8 != 24"):
+        load_diffusion_prior(tmp_path / "checkpoints" / "last.ckpt", expected_convention=PositionalConvention(32, 24))
+    with pytest.raises(ValueError, match="denoises 1 channel.*but 3 are expected"):
+        load_diffusion_prior(tmp_path / "checkpoints" / "last.ckpt", expected_channels=3)
+    # resuming with another positional convention is refused before any training step
+    bad = compose("train", ["experiment=padis_ct_tiny", "model.patch.pad_width=4", f"paths.output_dir={tmp_path / 'r'}",
+                            f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", *QUIET])
+    with pytest.raises(ValueError, match="pad_width: 4 != 8"):
+        run_training(bad)
+
+
+class _RecordLosses(Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_resume_from_mid_run_checkpoint_repeats_uninterrupted_losses(tmp_path):
+    def fit(max_epochs, root, ckpt_path=None):
+        L.seed_everything(0)
+        task = _tiny_task(patch=True, dropout=0.1)  # dropout: its masks must also repeat after a resume
+        record = _RecordLosses()
+        ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1, every_n_epochs=1)
+        trainer = _trainer(root, max_epochs=max_epochs, callbacks=[record, ckpt])
+        trainer.fit(task, datamodule=_phantom_data(), ckpt_path=ckpt_path)
+        return record.losses, task
+
+    full, task_full = fit(4, tmp_path / "full")
+    first, _ = fit(2, tmp_path / "part")
+    rest, task_resumed = fit(4, tmp_path / "part2", ckpt_path=tmp_path / "part" / "last.ckpt")
+    assert len(full) == 16 and len(first) == 8 and len(rest) == 8
+    torch.testing.assert_close(torch.tensor(first + rest), torch.tensor(full), rtol=0, atol=1e-6)
+    for a, b in zip(task_full.state_dict().values(), task_resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_ema_schedule_and_nonfinite_gradients():
+    # EDM: half-life 500k images, batch 512 -> beta = 0.5 ** (512 / 500000); ramp-up 0.05 caps the half-life early
+    assert ema_beta(512, 10**9, 500_000, 0.05) == pytest.approx(0.5 ** (512 / 500_000))
+    assert ema_beta(512, 10_000, 500_000, 0.05) == pytest.approx(0.5 ** (512 / 500))
+    task = _tiny_task(patch=False)
+    p = next(task.denoiser.parameters())
+    p.grad = torch.full_like(p, float("nan"))
+    p.grad.view(-1)[0] = 1.5
+    task.on_before_optimizer_step(None)
+    assert p.grad.view(-1)[0] == 1.5 and torch.count_nonzero(p.grad) == 1
+
+
+def test_ema_follows_the_weights_with_the_configured_half_life(tmp_path):
+    task = _tiny_task(patch=False, ema_halflife_images=4, ema_rampup_ratio=None)  # batch 4: beta = 0.5 per step
+    before = [p.detach().clone() for p in task.denoiser.parameters()]
+    _trainer(tmp_path, max_steps=2, enable_checkpointing=False, limit_val_batches=0).fit(task, datamodule=_phantom_data())
+    after = list(task.denoiser.parameters())
+    ema = list(task.ema.module.parameters())
+    # first update copies the step-1 weights (w1); the second gives 0.5 w1 + 0.5 w2: never the initial weights, and
+    # strictly between w1 and w2 wherever they differ
+    assert int(task.ema.n_averaged) == 2
+    moved = [i for i, (a, b) in enumerate(zip(before, after)) if not torch.equal(a, b)]
+    assert moved and all(not torch.equal(ema[i], after[i]) for i in moved)
+
+
+def test_bf16_mixed_precision_and_sample_grid(tmp_path):
+    task = _tiny_task(patch=True, sample_every_n_epochs=1, num_sample_images=4, sample_steps=3)
+    trainer = _trainer(tmp_path, max_epochs=1, precision="bf16-mixed", limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(task, datamodule=_phantom_data())
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    grid = tmp_path / "samples" / "epoch_0000.png"
+    with Image.open(grid) as im:
+        assert im.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2 x 2 grid of 16 px images, padding 2
+
+
+def test_channel_mismatch_between_data_and_model_is_refused(tmp_path):
+    task = DiffusionTask({**TINY_NET, "image_channels": 3}, image_channels=3, data_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"the data has 1 channel\(s\) but the model expects 3"):
+        _trainer(tmp_path, max_steps=1).fit(task, datamodule=_phantom_data())
+
+
+def test_two_process_ddp_training_completes_with_equal_batches(tmp_path):
+    class CountBatches(Callback):
+        def __init__(self):
+            self.count = 0
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.count += 1
+
+        def on_train_end(self, trainer, module):
+            (tmp_path / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.count))
+
+    task = _tiny_task(patch=True)
+    trainer = _trainer(tmp_path, max_epochs=2, strategy="ddp_fork", devices=2, callbacks=[CountBatches()])
+    trainer.fit(task, datamodule=_phantom_data(num=18, batch_size=4))
+    counts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert counts == [4, 4]  # 18 phantoms, 2 ranks: 9 each, 2 full batches of 4 per epoch, 2 epochs
+    assert (tmp_path / "checkpoints").exists() or trainer.checkpoint_callback is not None
