@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
 from diffinv_pl.data.phantoms import CTPhantomDataset, random_ellipses_phantom
-from diffinv_pl.data.training import ImageTrainingDataModule
+from diffinv_pl.data.shards import write_shards
+from diffinv_pl.data.training import ImageTrainingDataModule, ShardTrainingDataModule
 from diffinv_pl.diffusion.losses import EDMObjective, VEObjective, VPObjective, build_objective, denoising_loss
 from diffinv_pl.diffusion.schedules import vp_continuous_sigma
 from diffinv_pl.priors.checkpoints import load_diffusion_prior
@@ -294,20 +295,45 @@ def test_channel_mismatch_between_data_and_model_is_refused(tmp_path):
         _trainer(tmp_path, max_steps=1).fit(task, datamodule=_phantom_data())
 
 
-def test_two_process_ddp_training_completes_with_equal_batches(tmp_path):
+@pytest.mark.parametrize("kind", ["phantoms", "shards"])
+def test_two_process_ddp_training_completes_with_equal_batches(kind, tmp_path):
     class CountBatches(Callback):
         def __init__(self):
             self.count = 0
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            assert batch["image"].shape == (4, 1, 16, 16)
             self.count += 1
 
         def on_train_end(self, trainer, module):
             (tmp_path / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.count))
 
-    task = _tiny_task(patch=True)
+    if kind == "phantoms":
+        data = _phantom_data(num=18, batch_size=4)  # 9 per rank: 2 full batches of 4 per epoch
+        expected = 4
+    else:
+        # 3 shards of unequal size (8, 8, 2 phantoms); a fixed epoch of 3 batches per rank whatever the shard sizes
+        write_shards(CTPhantomDataset(18, seed=11, size=16), tmp_path / "shards", samples_per_shard=8)
+        data = ShardTrainingDataModule(tmp_path / "shards", batch_size=4, batches_per_epoch=3, shuffle_buffer=8)
+        expected = 6
     trainer = _trainer(tmp_path, max_epochs=2, strategy="ddp_fork", devices=2, callbacks=[CountBatches()])
-    trainer.fit(task, datamodule=_phantom_data(num=18, batch_size=4))
+    trainer.fit(_tiny_task(patch=True), datamodule=data)
     counts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert counts == [4, 4]  # 18 phantoms, 2 ranks: 9 each, 2 full batches of 4 per epoch, 2 epochs
-    assert (tmp_path / "checkpoints").exists() or trainer.checkpoint_callback is not None
+    assert counts == [expected, expected]
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_sample_grid_is_logged_to_an_offline_wandb_run(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(save_dir=str(tmp_path), project="diffinv-test", offline=True)
+    task = _tiny_task(patch=False, sample_every_n_epochs=1, num_sample_images=4, sample_steps=2)
+    trainer = _trainer(tmp_path, max_epochs=1, logger=logger, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(task, datamodule=_phantom_data())
+    logger.experiment.finish()
+    media = list(tmp_path.glob("wandb/offline-run-*/files/media/images/samples_*.png"))
+    assert len(media) == 1
+    (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")  # protobuf records: metric names are plain bytes
+    data = record.read_bytes()
+    assert b"train/loss" in data and b"train/loss_sigma_" in data and b"val/psnr_gain_sigma0.2" in data
