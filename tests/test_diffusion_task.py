@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import compose
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
@@ -19,7 +20,7 @@ from diffinv_pl.data.shards import write_shards
 from diffinv_pl.data.training import ImageTrainingDataModule, ShardTrainingDataModule
 from diffinv_pl.diffusion.losses import EDMObjective, VEObjective, VPObjective, build_objective, denoising_loss
 from diffinv_pl.diffusion.schedules import vp_continuous_sigma
-from diffinv_pl.priors.checkpoints import load_diffusion_prior
+from diffinv_pl.priors.checkpoints import RangeAdaptedDenoiser, load_diffusion_prior
 from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
 from diffinv_pl.priors.patches import PatchTraining, PositionalConvention, canvas_positional_channels
 from diffinv_pl.priors.unet import UNetDenoiserNet
@@ -192,18 +193,26 @@ def _validate(model, data) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.validate(model, datamodule=data, verbose=False)[0].items()}
 
 
-def test_tiny_padis_ct_lowers_loss_and_denoises_held_out_phantoms(tmp_path):
+@pytest.fixture(scope="module")
+def trained_padis(tmp_path_factory):
+    """The tiny padis_ct experiment trained for 6 epochs: (output dir, metrics before, metrics after)."""
     from hydra.utils import instantiate
 
-    cfg = compose("train", ["experiment=padis_ct_tiny", "trainer.max_epochs=6", f"paths.output_dir={tmp_path}", *QUIET])
+    out = tmp_path_factory.mktemp("padis")
+    cfg = compose("train", ["experiment=padis_ct_tiny", "trainer.max_epochs=6", f"paths.output_dir={out}", *QUIET])
     L.seed_everything(cfg.seed)
     before = _validate(instantiate(cfg.model), instantiate(cfg.data))
-    metrics = run_training(cfg)
+    return out, before, run_training(cfg)
+
+
+def test_tiny_padis_ct_lowers_loss_and_denoises_held_out_phantoms(trained_padis, tmp_path):
+    out, before, metrics = trained_padis
     # Measured (1 thread, 6 epochs, ~30 s): val/loss 1.02 -> 0.71, val/psnr_gain_sigma0.2 -0.2 -> +2.7 dB.
     assert metrics["val/loss"] < 0.85 * before["val/loss"]
     assert metrics["val/psnr_gain_sigma0.2"] > 1.5
 
-    prior = load_diffusion_prior(tmp_path / "checkpoints" / "last.ckpt", expected_channels=1)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    prior = load_diffusion_prior(ckpt, expected_channels=1)
     assert prior.convention == PositionalConvention(32, 8) and prior.max_patch_size == 16
     held_out = torch.stack([random_ellipses_phantom(i, 424242, 32) for i in range(8)])  # a seed never trained on
     x0 = 2 * held_out - 1  # model range [-1, 1]
@@ -217,14 +226,52 @@ def test_tiny_padis_ct_lowers_loss_and_denoises_held_out_phantoms(tmp_path):
     assert psnr(denoised) > psnr(noisy) + 1.5
 
     with pytest.raises(ValueError, match=r"pad_width: 8 != 24"):
-        load_diffusion_prior(tmp_path / "checkpoints" / "last.ckpt", expected_convention=PositionalConvention(32, 24))
+        load_diffusion_prior(ckpt, expected_convention=PositionalConvention(32, 24))
     with pytest.raises(ValueError, match="denoises 1 channel.*but 3 are expected"):
-        load_diffusion_prior(tmp_path / "checkpoints" / "last.ckpt", expected_channels=3)
+        load_diffusion_prior(ckpt, expected_channels=3)
     # resuming with another positional convention is refused before any training step
-    bad = compose("train", ["experiment=padis_ct_tiny", "model.patch.pad_width=4", f"paths.output_dir={tmp_path / 'r'}",
-                            f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", *QUIET])
+    bad = compose("train", ["experiment=padis_ct_tiny", "model.patch.pad_width=4", f"paths.output_dir={tmp_path}",
+                            f"ckpt_path={ckpt}", *QUIET])
     with pytest.raises(ValueError, match="pad_width: 4 != 8"):
         run_training(bad)
+
+
+def test_trained_patch_prior_drives_dps_from_the_evaluate_config(trained_padis, tmp_path):
+    from diffinv_pl.cli import run_evaluation
+
+    out, _, _ = trained_padis
+    common = ["experiment=ct_baselines", "data.num_images=2", "data.size=32", "operator.image_size=32",
+              "+operator.num_detectors=48", "task.solver_progress=false"]
+    dps_cfg = compose("evaluate", [*common, "solver=dps", "solver.zeta=0.3", "sampling_grid=edm",
+                                   "sampling_grid.num_steps=10", "sampling_grid.sigma_max=20", "prior=trained",
+                                   f"prior.path={out / 'checkpoints' / 'last.ckpt'}", f"paths.output_dir={tmp_path / 'dps'}"])
+    (row,) = run_evaluation(dps_cfg)
+    rows = [json.loads(p.read_text()) for p in sorted((tmp_path / "dps" / "rows").glob("*.json"))]
+    assert len(rows) == 2 and 8 < row["psnr"] < 40
+    # one batch of 2 images, 10 DPS steps: 10 calls of the assembled denoiser, shared by the 2 samples
+    assert [r["denoiser_calls"] for r in rows] == [5, 5]
+    wrong = compose("evaluate", [*common, "solver=dps", "prior=trained", "prior.data_range=[-1,1]",
+                                 f"prior.path={out / 'checkpoints' / 'last.ckpt'}", f"paths.output_dir={tmp_path / 'w'}"])
+    with pytest.raises(InstantiationException, match=r"prior works on images in \(-1.0, 1.0\) but the operator expects \(0.0, 1.0\)"):
+        run_evaluation(wrong)
+
+
+def test_range_adapted_denoiser_is_exact_for_a_gaussian_prior():
+    # x0 ~ N(mu, tau^2) in model units [-1, 1]; in data units [0, 1] (k = 2) it is N((mu + 1) / 2, (tau / 2)^2), and
+    # the exact denoisers in both units must correspond through the adapter (sigma scales by k)
+    mu, tau = 0.2, 0.3
+
+    class ModelGaussian(torch.nn.Module):
+        def forward(self, x, sigma):
+            s = sigma.reshape(-1, 1, 1, 1)
+            return mu + tau**2 / (tau**2 + s**2) * (x - mu)
+
+    adapted = RangeAdaptedDenoiser(ModelGaussian(), (0.0, 1.0), (-1.0, 1.0))
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 0.2, 1.0], dtype=torch.float64)
+    mu_d, tau_d = (mu + 1) / 2, tau / 2
+    exact = mu_d + tau_d**2 / (tau_d**2 + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - mu_d)
+    torch.testing.assert_close(adapted(x, sigma), exact, rtol=0, atol=1e-12)
 
 
 class _RecordLosses(Callback):

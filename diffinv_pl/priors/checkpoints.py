@@ -17,6 +17,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from diffinv_pl.diffusion.losses import build_objective
+from diffinv_pl.diffusion.preconditioning import broadcast_sigma
+from diffinv_pl.operators.ranges import convert_range
 from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
 from diffinv_pl.priors.patches import PositionalConvention
 
@@ -107,3 +109,46 @@ def load_diffusion_prior(
         ranges["model_range"],
         max_patch,
     )
+
+
+class RangeAdaptedDenoiser(nn.Module):
+    """A model-range denoiser seen on another image range: with the affine map x_m = lo_m + k (x - lo), k = (hi_m -
+    lo_m) / (hi - lo), noise scales by k too, so D(x, sigma) = lo + (D_model(x_m, k sigma) - lo_m) / k.
+
+    ``data_range`` is the range of the images the caller works in (a solver's iterate, e.g. [0, 1] for CT), exposed
+    as an attribute so evaluation can check it against the operator's input range.
+    """
+
+    def __init__(self, denoiser: nn.Module, data_range: tuple[float, float], model_range: tuple[float, float]) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.data_range = tuple(float(v) for v in data_range)
+        self.model_range = tuple(float(v) for v in model_range)
+        self.scale = (self.model_range[1] - self.model_range[0]) / (self.data_range[1] - self.data_range[0])
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = broadcast_sigma(sigma, x).reshape(-1)
+        x_model = convert_range(x, self.data_range, self.model_range)
+        return convert_range(self.denoiser(x_model, sigma * self.scale), self.model_range, self.data_range)
+
+
+def trained_denoiser(
+    path: str | Path,
+    use_ema: bool = True,
+    data_range: tuple[float, float] | None = None,
+    patch_size: int | None = None,
+    shift_seed: int = 0,
+    expected_channels: int | None = None,
+    expected_convention: dict | None = None,
+    map_location: str = "cpu",
+) -> nn.Module:
+    """Whole-image D(x, sigma) of a trained checkpoint on ``data_range`` images (default: the range the prior was
+    trained from, stored in the checkpoint); patch priors are assembled with random shifts drawn from a generator
+    seeded by ``shift_seed``. This is what ``prior=trained prior.path=<ckpt>`` gives a solver."""
+    prior = load_diffusion_prior(path, use_ema, expected_channels, expected_convention, map_location)
+    generator = torch.Generator().manual_seed(shift_seed)
+    whole = prior.whole_image(patch_size, generator)
+    target = tuple(data_range) if data_range is not None else prior.data_range
+    if prior.model_range is None or target is None:
+        return whole
+    return RangeAdaptedDenoiser(whole, target, prior.model_range)

@@ -142,6 +142,12 @@ class ReconstructionTask:
             raise ValueError("the evaluation dataset is empty or has no `keys`; check data paths and settings")
         if len(set(dataset.keys)) != len(dataset.keys):
             raise ValueError("the evaluation dataset has duplicate sample keys; results would overwrite each other")
+        prior_range, op_range = getattr(denoiser, "data_range", None), getattr(operator, "input_range", None)
+        if prior_range is not None and op_range is not None and tuple(prior_range) != tuple(op_range):
+            raise ValueError(
+                f"the prior works on images in {tuple(prior_range)} but the operator expects {tuple(op_range)}: set "
+                f"prior.data_range={list(op_range)} (the prior is then range-adapted) or the operator's input_range"
+            )
         if isinstance(denoiser, torch.nn.Module):
             # the prior is fixed during evaluation: eval mode, and no parameter gradients (solvers such as DPS only
             # need gradients with respect to the state; weight gradients would double the backward cost)

@@ -63,12 +63,12 @@ def run_one(size: int, mode: str, batch: int, channels: list[int], blocks: int, 
     examples: list[int] = []
 
     class Timer(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        def on_train_batch_start(self, trainer, module, step_batch, batch_idx):
             if device == "cuda":
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
 
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        def on_train_batch_end(self, trainer, module, outputs, step_batch, batch_idx):
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
