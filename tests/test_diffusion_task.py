@@ -384,3 +384,25 @@ def test_sample_grid_is_logged_to_an_offline_wandb_run(tmp_path, monkeypatch):
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")  # protobuf records: metric names are plain bytes
     data = record.read_bytes()
     assert b"train/loss" in data and b"train/loss_sigma_" in data and b"val/psnr_gain_sigma0.2" in data
+
+
+def test_patch_diffusion_variant_uses_the_whole_canvas_as_largest_patch(tmp_path):
+    patch = {"canvas_size": 16, "pad_width": 0, "patch_sizes": "patch_diffusion", "real_p": 0.5}
+    task = DiffusionTask({**TINY_NET, "cond_channels": 2}, image_channels=1, data_range=(0.0, 1.0), patch=patch)
+    assert task.patch.probabilities == {4: 0.2, 8: 0.3, 16: 0.5}
+    assert task.patch.multipliers == {4: 1, 8: 1, 16: 1}  # relative to the canvas: every size <= 16 has m = 64
+    big = PatchTraining.build(canvas_size=256, pad_width=0, patch_sizes="patch_diffusion")
+    assert big.multipliers == {64: 8, 128: 2, 256: 1}  # Patch-Diffusion at 256: 16/2, 4/2, 2/2
+    seen = set()
+
+    class Sizes(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.add(int(trainer.callback_metrics["train/patch_size"]))
+
+    _trainer(tmp_path, max_steps=8, limit_val_batches=1, callbacks=[Sizes()]).fit(task, datamodule=_phantom_data())
+    assert 16 in seen and len(seen) >= 2
+    whole = task.whole_image_denoiser(torch.Generator().manual_seed(0))
+    assert whole.patch_size == 16 and whole.patches_per_side == 1  # the assembled denoiser is one full-canvas patch
+    x = torch.rand(2, 1, 16, 16)
+    pos = canvas_positional_channels(task.convention).expand(2, -1, -1, -1)
+    torch.testing.assert_close(whole(x, 0.5), task.ema_denoiser(x, 0.5, pos=pos))

@@ -360,7 +360,8 @@ class PatchTraining:
         multipliers: Mapping[int, int] | None = None,
     ) -> PatchTraining:
         """From config values: ``patch_sizes`` a list or ``"patch_diffusion"`` ((R//4, R//2, R), the largest patch
-        the whole padded canvas); ``multipliers`` None uses the upstream table (:func:`batch_multipliers`)."""
+        the whole padded canvas); ``multipliers`` None uses the upstream table (:func:`batch_multipliers`), divided
+        by the full canvas's entry for ``"patch_diffusion"`` as Patch-Diffusion does (e.g. 8/2/1 for R = 256)."""
         convention = PositionalConvention(int(canvas_size), int(pad_width), normalization)
         if isinstance(patch_sizes, str):
             if patch_sizes != "patch_diffusion":
@@ -369,7 +370,13 @@ class PatchTraining:
         else:
             sizes = [int(s) for s in patch_sizes]
         probs = patch_size_probabilities(real_p, sizes, small_weights)
-        mult = batch_multipliers(sizes) if multipliers is None else {int(k): int(v) for k, v in multipliers.items()}
+        if multipliers is not None:
+            mult = {int(k): int(v) for k, v in multipliers.items()}
+        elif isinstance(patch_sizes, str):  # Patch-Diffusion: relative to the full canvas, which gets 1
+            table = batch_multipliers(sizes)
+            mult = {s: max(1, table[s] // table[sizes[-1]]) for s in sizes}
+        else:
+            mult = batch_multipliers(sizes)
         return cls(convention, probs, mult)
 
     def cut(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
