@@ -43,9 +43,7 @@ anything is written. ``--output`` may not lie inside ``--input`` (its files woul
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +53,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from diffinv_pl.utils.io import atomic_write_text, csv_text
+from diffinv_pl.utils.io import atomic_write_text, atomic_write_with, csv_text
 
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {  # name -> (center, width) in HU
     "abdomen": (40.0, 400.0),
@@ -203,16 +201,6 @@ def load_hu(info: SliceInfo, size: int | None) -> np.ndarray:
     return np.asarray(TF.center_crop(img, [size, size]), dtype=np.float32)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then move it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_slice(path: Path, v: np.ndarray, fmt: str) -> None:
     """Windowed values ``v`` (H, W) in [0, 1]: 8-bit grayscale PNG ``round(255 v)`` or float32 ``(1, H, W)`` NPY."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,10 +209,10 @@ def write_slice(path: Path, v: np.ndarray, fmt: str) -> None:
             with open(tmp, "wb") as handle:  # a file object: np.save would append ".npy" to a path
                 np.save(handle, v[None].astype(np.float32))
 
-        _atomic_write(path, write)
+        atomic_write_with(path, write)
     else:
         q = np.round(v * 255.0).astype(np.uint8)
-        _atomic_write(path, lambda tmp: Image.fromarray(q).save(tmp, format="PNG"))
+        atomic_write_with(path, lambda tmp: Image.fromarray(q).save(tmp, format="PNG"))
 
 
 def build_parser() -> argparse.ArgumentParser:

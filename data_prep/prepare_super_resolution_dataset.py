@@ -29,9 +29,7 @@ One summary line per split is printed: images written, corrupt files skipped, ou
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from diffinv_pl.data.images import CORRUPT_POLICIES, ImageFolderDataset
-from diffinv_pl.utils.io import atomic_write_text
+from diffinv_pl.utils.io import atomic_write_text, atomic_write_with
 
 SPLITS = ("train", "test")
 
@@ -102,7 +100,7 @@ def write_split(plan: SplitPlan) -> SplitResult:
         pil = Image.fromarray(q[0] if q.shape[0] == 1 else np.ascontiguousarray(q.transpose(1, 2, 0)))
         path = plan.output_dir / target
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+        atomic_write_with(path, lambda tmp: pil.save(tmp, format="PNG"))
     written = sorted(plan.targets)
     if plan.manifest is not None:
         atomic_write_text(plan.manifest, "".join(f"{rel}\n" for rel in written))
@@ -144,16 +142,6 @@ def _refuse_existing(existing: list[Path], overwrite: bool) -> None:
             f"{len(existing)} output file(s) already exist (first: {str(existing[0])!r}); pass --overwrite "
             "(overwrite=True) to replace them, or choose another --output-root"
         )
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then move it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Nonlinear blur: bkse's KernelWizard blur operator with the pretrained ``GOPRO_wVAE.pth`` (methods.md §1.2, §5.4, §7).
+"""Nonlinear blur: bkse's KernelWizard with the pretrained ``GOPRO_wVAE.pth`` (methods.md §1.2, §5.4, §7).
 
 The operator of the DPS family (DPS ``nonlinear_blur``, DAPS ``nonlinear_blur``):
 
@@ -17,13 +17,15 @@ those of the bkse module tree, so the official file loads with ``load_state_dict
 * ``VinAIResearch/blur-kernel-space-exploring``: ``models/kernel_encoding/kernel_wizard.py`` (commits d85fbe89 and
   30c32054, identical network), ``options/generate_blur/default.yml`` (ec0fc962), ``models/arch_util.py`` (1b04d1cb:
   ``get_norm_layer('none')`` returns a plain function, so ``use_bias`` is False for the extractor and the U-Net
-  convs), ``models/resnet.py`` (1b04d1cb; moved to ``models/backbones/resnet.py`` later) and ``models/unet_parts.py``
-  (79799c0a, the ConvTranspose2d variant; the index holds no ``models/backbones/unet_parts.py`` of that repository);
-* the vendored copies of bkse in ``alexdenker/DEFT`` (``bkse/models/backbones/unet_parts.py``, ``resnet.py``,
-  ``arch_util.py``, ``kernel_encoding/kernel_wizard.py`` at 80035b33) and ``zhangbingliang2019/DAPS``
-  (``forward_operator/bkse/...`` at e6ce1a80, ``forward_operator/__init__.py``), and ``DPS2022/diffusion-posterior-
-  sampling`` ``guided_diffusion/measurements.py`` (4962d6e8): both load the file with
-  ``KernelWizard(opt).load_state_dict(torch.load(path))`` (a flat state dict, strict, no wrapper key; bkse's
+  convs), ``models/resnet.py`` (1b04d1cb; later ``models/backbones/resnet.py``) and ``models/unet_parts.py``
+  (79799c0a: 4x4 ConvTranspose2d up-sampling);
+* the vendored copies of bkse in ``alexdenker/DEFT`` (``bkse/models/backbones/unet_parts.py`` -- the same
+  ConvTranspose2d variant --, ``resnet.py``, ``arch_util.py``, ``kernel_encoding/kernel_wizard.py``, at 80035b33) and
+  ``zhangbingliang2019/DAPS`` (``forward_operator/bkse/models/kernel_encoding/kernel_wizard.py``,
+  ``backbones/resnet.py``, ``options/generate_blur/default.yml``, ``forward_operator/__init__.py``), the printed
+  adapter tree in ``YYyyy606/MGW-Deblur`` ``models/backbones/unet_parts.py`` (ConvTranspose2d, same channels), and
+  ``DPS2022/diffusion-posterior-sampling`` ``guided_diffusion/measurements.py`` (4962d6e8). DPS and DAPS load the file
+  with ``KernelWizard(opt).load_state_dict(torch.load(path))`` (a flat state dict, strict, no wrapper key; bkse's
   ``save_network`` strips DataParallel's ``module.``) and call ``adaptKernel(x_in_0_1, kernel=code)``.
 
 The tree (``nf`` = 64; keys in brackets; LReLU 0.1 in the feature extractor and the reconstruction trunk):
@@ -42,19 +44,22 @@ The tree (``nf`` = 64; keys in brackets; LReLU 0.1 in the feature extractor and 
   px) to its down-sampled features; every inner block returns ``cat(up(...), lrelu_0.2(x))``: bkse's down path starts
   with an *in-place* LeakyReLU(0.2), so its skip branch carries the activated input, which we reproduce explicitly;
   the outermost block ends in ReLU -> transposed conv -> tanh and has no skip;
-* ``recon_trunk`` (Sequential): [0 .. back_RBs-1] residual blocks, [20] 3x3 conv nf->4nf, pixel shuffle 2, LReLU,
-  [23] 3x3 conv nf->4*64, pixel shuffle 2, LReLU, [26] 3x3 conv 64->64, LReLU, [28] 3x3 conv 64->C (the 64 are
-  constants in bkse: ``tail_nf``);
+* ``recon_trunk`` (Sequential, B = back_RBs = 20): [0 .. B-1] residual blocks, [B] 3x3 conv nf->4nf, pixel shuffle
+  2, LReLU, [B+3] 3x3 conv nf->4*64, pixel shuffle 2, LReLU, [B+6] 3x3 conv 64->64, LReLU, [B+8] 3x3 conv 64->C (the
+  64 are constants in bkse: ``tail_nf``);
 * ``adaptKernel(x, k) = x + recon_trunk(adapter(feature_extractor(x), k))``.
 
 Defaults equal the official options; the widths (``nf``, ``front_blocks``, ``back_blocks``, ``kernel_dim``,
 ``extractor_blocks``, ``tail_nf``) can be reduced for tests. The official file holds 159 tensors (see the golden list
 in ``tests/test_kernels_nonlinear_blur.py``).
 
-Unverified here (no copy of ``GOPRO_wVAE.pth`` was available): that the released file's keys and shapes are exactly
-the ones of the source above (only loading the real file confirms it: a mismatch raises
-:class:`CheckpointMismatchError` listing the keys), and agreement of our outputs with the bkse code to float
-tolerance on real weights (the forward follows the source read, including the in-place activation on the skip).
+Unverified here (no copy of ``GOPRO_wVAE.pth`` was available, and bkse's own ``models/backbones/unet_parts.py`` at
+its head commit is not in the code index we searched): that the released file's keys and shapes are exactly the ones
+above. The index also holds another revision of bkse's ``models/unet_parts.py`` (1b04d1cb) whose up-sampling is a
+bilinear ``nn.Upsample`` + ``DoubleConv`` (keys ``up.1.double_conv.{0,2}.*``); every post-``backbones`` copy we
+found uses ConvTranspose2d, which we follow. Only loading the real file confirms it (a mismatch raises
+:class:`CheckpointMismatchError` listing the keys). Also unverified: agreement of our outputs with the bkse code on
+the real weights (the forward follows the source read, including the in-place activation on the skip).
 """
 
 from __future__ import annotations
@@ -179,7 +184,7 @@ class UNetLevel(nn.Module):
             if code.shape[1:] != h.shape[1:]:
                 raise ValueError(
                     f"kernel code of shape {tuple(code.shape)} does not fit the adapter's innermost features "
-                    f"{tuple(h.shape)}: it needs {h.shape[1]} channels and a spatial size of 1/{SIZE_MULTIPLE} of the image"
+                    f"{tuple(h.shape)}: it needs {h.shape[1]} channels and 1/{SIZE_MULTIPLE} of the image size"
                 )
             inner = torch.cat((h, code.to(h.dtype)), dim=1)
         else:
@@ -246,7 +251,8 @@ class KernelWizard(nn.Module):
         no dropout); ``pretrained`` and ``N_frames`` are ignored.
         """
         ext, ada = dict(opt.get("KernelExtractor", {})), dict(opt.get("Adapter", {}))
-        given = {"KernelExtractor.norm": ext.get("norm", "none"), "KernelExtractor.use_sharp": ext.get("use_sharp", True),
+        given = {"KernelExtractor.norm": ext.get("norm", "none"),
+                 "KernelExtractor.use_sharp": ext.get("use_sharp", True),
                  "KernelExtractor.padding_type": ext.get("padding_type", "reflect"),
                  "KernelExtractor.use_dropout": ext.get("use_dropout", False), "Adapter.norm": ada.get("norm", "none"),
                  "Adapter.use_dropout": ada.get("use_dropout", False)}
@@ -417,8 +423,8 @@ class NonlinearBlur(ForwardOperator):
                 f"the config: operator.weights_path=/path/to/{WEIGHTS_FILE}"
             )
         if image_size % SIZE_MULTIPLE:
-            raise ValueError(f"image_size {image_size} must be a multiple of {SIZE_MULTIPLE} (KernelWizard down-samples "
-                             "by 4 in the feature extractor and by 32 in the adapter)")
+            raise ValueError(f"image_size {image_size} must be a multiple of {SIZE_MULTIPLE} (KernelWizard "
+                             "down-samples by 4 in the feature extractor and by 32 in the adapter)")
         self.weights_path = str(path)
         net_kwargs = dict(network or {})
         net_kwargs.setdefault("in_channels", channels)

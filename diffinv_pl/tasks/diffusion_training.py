@@ -30,6 +30,7 @@ to W&B when a W&B logger is attached.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -140,7 +142,7 @@ class DiffusionTask(L.LightningModule):
             raise ValueError(f"val_sigmas must be a non-empty list of positive noise levels, got {val_sigmas}")
         if sample_every_n_epochs < 0 or sample_steps < 1 or num_sample_images < 1:
             raise ValueError("need sample_every_n_epochs >= 0, sample_steps >= 1 and num_sample_images >= 1")
-        if (data_range is None) != (model_range is None) and data_range is not None:
+        if data_range is not None and model_range is None:
             raise ValueError("data_range needs a model_range (or set both to null)")
         net_config = _plain(net) if isinstance(net, Mapping) else None
         if net_config is not None:
@@ -255,7 +257,7 @@ class DiffusionTask(L.LightningModule):
             per_example, sigma, size = self._loss_terms(self.denoiser, x0, cpu_gen, dev_gen)
         loss = per_example.mean()
         self._images_per_step = x0.shape[0] * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        self.log("train/loss", loss, prog_bar=True, batch_size=per_example.shape[0], sync_dist=False)
+        self.log("train/loss", loss, prog_bar=True, batch_size=per_example.shape[0])
         if size is not None:
             self.log("train/patch_size", float(size), batch_size=1)
         self._log_sigma_bands(per_example.detach(), sigma)
@@ -386,10 +388,7 @@ class DiffusionTask(L.LightningModule):
         return self._to_data(x).float()
 
     def _save_sample_grid(self, samples: Tensor) -> None:
-        from torchvision.utils import make_grid  # noqa: PLC0415 (torchvision import is slow; only when sampling)
-        import io
-
-        from PIL import Image
+        from torchvision.utils import make_grid  # imported here: torchvision is slow to import and only needed here
 
         lo, hi = self.data_range or self.model_range
         grid = make_grid(((samples - lo) / (hi - lo)).clamp(0, 1).cpu(), nrow=int(math.ceil(math.sqrt(len(samples)))))

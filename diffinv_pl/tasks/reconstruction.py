@@ -43,7 +43,7 @@ from diffinv_pl.metrics.image import ImageMetrics
 from diffinv_pl.operators.base import ForwardOperator
 from diffinv_pl.operators.ranges import UNIT, convert_range
 from diffinv_pl.solvers.base import InverseProblem, Solver
-from diffinv_pl.utils.io import atomic_write_text
+from diffinv_pl.utils.io import atomic_write_text, atomic_write_with
 from diffinv_pl.utils.seeding import key_generator
 from diffinv_pl.utils.stats import mean_ci95
 
@@ -53,19 +53,11 @@ def _safe_key(key: str) -> str:
     return key.replace("/", "__")
 
 
-def _atomic_save(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
 def _save_png(path: Path, image: Tensor) -> None:
     """(C, H, W) in [0, 1] -> 8-bit PNG (grayscale or RGB)."""
     arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
-    _atomic_save(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+    atomic_write_with(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 
 def _save_npy(path: Path, array: Tensor) -> None:
@@ -73,7 +65,7 @@ def _save_npy(path: Path, array: Tensor) -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, array.cpu().numpy())
 
-    _atomic_save(path, write)
+    atomic_write_with(path, write)
 
 
 def _visualise(y: Tensor) -> Tensor:
