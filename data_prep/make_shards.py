@@ -8,8 +8,13 @@ Input: ``--input-format image`` (default) reads every PNG/JPEG under ``--images`
 sizes; ``--grayscale`` converts to one channel, 16-bit PNGs become value / 65535). ``--input-format npy`` reads
 float32 ``(C, H, W)`` (or ``(H, W)``) ``.npy`` files, sorted by relative path, as written by
 ``make_ct_phantoms.py --format npy`` (no resizing: ``--image-size`` must then match or be omitted).
-Output: ``write_shards`` with ``--format png`` (8-bit) or ``npy`` (float32, exact); prints the sample count and the
-index path.
+Output: ``write_shards`` with ``--format png`` (8-bit) or ``npy`` (float32, exact); keys must be unique (checked
+before anything is written). Every input image is fully decoded first (``--corrupt fail``: one error listing every
+unreadable file; ``skip``: leave them out and list them). After writing, the shards are validated end to end
+(``validate_shards``: index integrity, keys streamed in tar order, every member decodes to its recorded shape) and the
+per-shard sample counts are printed.
+
+    python data_prep/make_shards.py --validate DIR     # validate existing shards only
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import torch
 from torch.utils.data import Dataset
 
 
-from diffinv_pl.data.images import ImageFolderDataset
-from diffinv_pl.data.shards import IMAGE_FORMATS, write_shards
+from diffinv_pl.data.images import CORRUPT_POLICIES, ImageFolderDataset
+from diffinv_pl.data.shards import IMAGE_FORMATS, validate_shards, write_shards
 
 
 class NpyFolderDataset(Dataset):
@@ -62,9 +67,11 @@ class NpyFolderDataset(Dataset):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", required=True, type=Path, help="input image folder")
-    p.add_argument("--output", required=True, type=Path, help="output folder for shard-*.tar and index.json")
-    p.add_argument("--samples-per-shard", required=True, type=int, help="samples per shard")
+    p.add_argument("--validate", type=Path, default=None, help="only validate the shards in this folder")
+    p.add_argument("--images", type=Path, help="input image folder")
+    p.add_argument("--output", type=Path, help="output folder for shard-*.tar and index.json")
+    p.add_argument("--samples-per-shard", type=int, help="samples per shard")
+    p.add_argument("--corrupt", choices=CORRUPT_POLICIES, default="fail", help="unreadable input images: fail or skip")
     p.add_argument("--image-size", type=int, default=None, help="resize + centre crop to S (default: native size)")
     p.add_argument("--grayscale", action="store_true", help="one channel (mode L) instead of RGB")
     p.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="png (8-bit) or npy (float32) members")
@@ -76,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.validate is not None:
+        return _report(args.validate)
+    missing = [f"--{n.replace('_', '-')}" for n in ("images", "output", "samples_per_shard") if getattr(args, n) is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --validate DIR)")
     if args.samples_per_shard < 1:
         parser.error(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
     if args.image_size is not None and args.image_size < 1:
@@ -83,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.input_format == "npy":
         dataset = NpyFolderDataset(args.images, args.image_size, args.grayscale)
     else:
-        dataset = ImageFolderDataset(args.images, image_size=args.image_size, mode="L" if args.grayscale else "RGB")
+        dataset = ImageFolderDataset(
+            args.images, image_size=args.image_size, mode="L" if args.grayscale else "RGB", corrupt=args.corrupt,
+            full_check=True,
+        )
+        for path in dataset.skipped:
+            print(f"skipped unreadable image {path}")
     try:
         index_path = write_shards(
             dataset, args.output, samples_per_shard=args.samples_per_shard, image_format=args.format,
@@ -92,6 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as e:
         parser.exit(1, f"error: {e} (use --overwrite)\n")
     print(f"wrote {len(dataset)} samples; index: {index_path}")
+    return _report(args.output)
+
+
+def _report(folder: Path) -> int:
+    """Validate the shards in ``folder`` and print the per-shard counts (1 on invalid shards)."""
+    try:
+        counts = validate_shards(folder)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"valid: {sum(counts.values())} samples in {len(counts)} shard(s): "
+          + ", ".join(f"{name} {n}" for name, n in counts.items()))
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffinv_pl.data.phantoms import phantom_key, random_ellipses_phantom
-from diffinv_pl.data.shards import ShardIndexDataset
+from diffinv_pl.data.shards import ShardIndexDataset, validate_shards
 
 DATA_PREP = Path(__file__).resolve().parents[1] / "data_prep"
 
@@ -78,3 +78,37 @@ def test_overwrite_refused(tmp_path):
     assert e.value.code != 0
     assert shards_cli.main(shard_argv + ["--overwrite"]) == 0
     assert len(ShardIndexDataset(out)) == 2
+
+
+def test_shards_are_validated_after_writing_and_corruption_is_found(tmp_path, capsys):
+    src, out = tmp_path / "phantoms", tmp_path / "shards"
+    phantoms_cli.main(["--output-root", str(src), "--num-images", "5", "--size", "16", "--seed", "0"])
+    assert shards_cli.main(["--images", str(src), "--output", str(out), "--samples-per-shard", "2", "--grayscale"]) == 0
+    assert "valid: 5 samples in 3 shard(s): shard-000000.tar 2, shard-000001.tar 2, shard-000002.tar 1" in capsys.readouterr().out
+    assert validate_shards(out) == {"shard-000000.tar": 2, "shard-000001.tar": 2, "shard-000002.tar": 1}
+
+    # corrupt the PNG bytes of one sample in place (same length, so the index offsets still point at it)
+    ds = ShardIndexDataset(out)
+    name, (img_off, img_size, _, _) = ds._where[3]
+    with open(out / name, "r+b") as f:
+        f.seek(img_off + 8)
+        f.write(b"\0" * 16)
+    with pytest.raises(ValueError, match=r"sample 'phantom_00003' in .*shard-000001.tar.*PNG does not decode"):
+        validate_shards(out)
+    assert shards_cli.main(["--validate", str(out)]) == 1
+    assert "phantom_00003" in capsys.readouterr().err
+
+
+def test_corrupt_input_images_fail_or_are_skipped(tmp_path, capsys):
+    src, out = tmp_path / "phantoms", tmp_path / "shards"
+    phantoms_cli.main(["--output-root", str(src), "--num-images", "3", "--size", "16", "--seed", "0"])
+    bad = src / f"{phantom_key(1)}.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated: header fine, pixel data missing
+    argv = ["--images", str(src), "--output", str(out), "--samples-per-shard", "2", "--grayscale"]
+    with pytest.raises(ValueError, match="phantom_00001.png"):
+        shards_cli.main(argv)
+    assert not out.exists() or not list(out.iterdir())
+    assert shards_cli.main(argv + ["--corrupt", "skip"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped unreadable image" in printed and "phantom_00001.png" in printed
+    assert ShardIndexDataset(out).keys == [phantom_key(0), phantom_key(2)]

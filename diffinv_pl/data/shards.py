@@ -177,14 +177,69 @@ class ShardIndexDataset(Dataset):
             data = f.read(img_size)
             f.seek(json_off)
             meta = json.loads(f.read(json_size))
-        if self.image_format == "png":
-            with Image.open(io.BytesIO(data)) as im:
-                arr = np.asarray(im)  # written as L or RGB uint8
-            image = torch.from_numpy(arr.copy()).to(torch.float32) / 255.0
-            image = image[None] if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
-        else:
-            image = torch.from_numpy(np.lib.format.read_array(io.BytesIO(data), allow_pickle=False))
+        image = decode_image(data, self.image_format, f"sample {self.keys[index]!r} in {str(self.root / name)!r}")
         return {"key": self.keys[index], "image": image, "meta": meta}
+
+
+def decode_image(data: bytes, image_format: str, where: str) -> torch.Tensor:
+    """A shard member as a (C, H, W) float32 tensor: 8-bit L / RGB PNG -> value / 255, npy as stored. ``where``
+    names the sample in errors."""
+    if image_format == "png":
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                arr = np.asarray(im)
+        except Exception as err:  # noqa: BLE001 (any decoder failure means a corrupt member)
+            raise ValueError(f"{where}: PNG does not decode ({type(err).__name__}: {err})") from err
+        if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+            raise ValueError(
+                f"{where}: PNG must be 8-bit L or RGB, got dtype {arr.dtype} shape {arr.shape} (write shards with "
+                "diffinv_pl.data.shards.write_shards)"
+            )
+        image = torch.from_numpy(arr.copy()).to(torch.float32) / 255.0
+        return image[None] if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
+    if image_format == "npy":
+        try:
+            return torch.from_numpy(np.lib.format.read_array(io.BytesIO(data), allow_pickle=False))
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"{where}: npy does not decode ({type(err).__name__}: {err})") from err
+    raise ValueError(f"unknown image_format {image_format!r}; valid: {', '.join(IMAGE_FORMATS)}")
+
+
+def validate_shards(out_dir: str | Path) -> dict[str, int]:
+    """Check shards written by :func:`write_shards` end to end and return the sample count of every shard.
+
+    Checks: the index (format, listed shards present and long enough, unique keys, counts: see
+    :class:`ShardIndexDataset`); streamed in tar order with webdataset, every shard holds exactly the keys the index
+    lists, each with its image and JSON member; every image decodes to the shape its JSON records and is finite.
+    Raises ValueError naming every problem found (at most 20).
+    """
+    from webdataset import tarfile_samples
+
+    dataset = ShardIndexDataset(out_dir)
+    problems: list[str] = []
+    counts: dict[str, int] = {}
+    for url in dataset.urls:
+        name = Path(url).name
+        streamed = [sample["__key__"] for sample in tarfile_samples([{"url": url}])]
+        expected = [k for k, (shard, _) in zip(dataset.keys, dataset._where) if shard == name]
+        if streamed != expected:
+            problems.append(f"{name}: streamed keys differ from the index ({len(streamed)} vs {len(expected)} keys)")
+        counts[name] = len(streamed)
+    for i, key in enumerate(dataset.keys):
+        try:
+            sample = dataset[i]
+        except (ValueError, json.JSONDecodeError) as err:
+            problems.append(str(err))
+            continue
+        image, shape = sample["image"], sample["meta"].get("shape")
+        if shape is not None and list(image.shape) != list(shape):
+            problems.append(f"sample {key!r}: image shape {list(image.shape)} but its JSON records {shape}")
+        if not bool(torch.isfinite(image).all()):
+            problems.append(f"sample {key!r}: image has NaN/Inf values")
+    if problems:
+        more = f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise ValueError(f"shards in {str(dataset.root)!r} are invalid: " + "; ".join(problems[:20]) + more)
+    return counts
 
 
 def _png_array(key: str, image: torch.Tensor) -> tuple[np.ndarray, float]:

@@ -24,7 +24,6 @@ Distributed semantics (rank r of w processes, from the attached Trainer, or :met
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import random
@@ -41,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from diffinv_pl.data.distributed import rank_indices
 from diffinv_pl.data.images import ImageFolderDataset
-from diffinv_pl.data.shards import INDEX_NAME, ShardIndexDataset
+from diffinv_pl.data.shards import IMAGE_FORMATS, INDEX_NAME, ShardIndexDataset, decode_image
 
 MAX_LISTED_FILES = 5
 
@@ -376,24 +375,14 @@ def _stream_seed(*parts: object) -> int:
 
 def decode_shard_sample(sample: dict) -> dict:
     """A raw webdataset sample (``__key__``, ``png`` or ``npy`` bytes) as ``{"key", "image" (C, H, W) float32}``,
-    decoded like :class:`~diffinv_pl.data.shards.ShardIndexDataset`: 8-bit L / RGB PNG -> value / 255, npy as stored."""
+    decoded like :class:`~diffinv_pl.data.shards.ShardIndexDataset` (:func:`~diffinv_pl.data.shards.decode_image`)."""
     key = sample["__key__"]
-    if "png" in sample:
-        with Image.open(io.BytesIO(sample["png"])) as im:
-            arr = np.asarray(im)
-        if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-            raise ValueError(
-                f"sample {key!r} in {sample.get('__url__')!r}: PNG must be 8-bit L or RGB, got dtype {arr.dtype} "
-                f"shape {arr.shape} (write shards with diffinv_pl.data.shards.write_shards)"
-            )
-        image = torch.from_numpy(arr.copy()).to(torch.float32) / 255.0
-        image = image[None] if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
-    elif "npy" in sample:
-        image = torch.from_numpy(np.lib.format.read_array(io.BytesIO(sample["npy"]), allow_pickle=False))
-    else:
+    where = f"sample {key!r} in {sample.get('__url__')!r}"
+    formats = [f for f in IMAGE_FORMATS if f in sample]
+    if not formats:
         members = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"sample {key!r} in {sample.get('__url__')!r} has no .png or .npy member (has {members})")
-    return {"key": key, "image": image}
+        raise ValueError(f"{where} has no .png or .npy member (has {members})")
+    return {"key": key, "image": decode_image(sample[formats[0]], formats[0], where)}
 
 
 class ResampledShardStream(IterableDataset):
