@@ -23,7 +23,6 @@ Distributed semantics (rank r of w processes, from the attached Trainer, or :met
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import random
@@ -41,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from diffinv_pl.data.distributed import rank_indices
 from diffinv_pl.data.images import ImageFolderDataset
 from diffinv_pl.data.shards import IMAGE_FORMATS, INDEX_NAME, ShardIndexDataset, decode_image
+from diffinv_pl.utils.seeding import hash_seed
 
 MAX_LISTED_FILES = 5
 
@@ -367,12 +367,6 @@ def _folder_shape(dataset: ImageFolderDataset) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------- shards
-def _stream_seed(*parts: object) -> int:
-    """A 63-bit seed from sha256 of the parts (stable across processes and Python versions)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def decode_shard_sample(sample: dict) -> dict:
     """A raw webdataset sample (``__key__``, ``png`` or ``npy`` bytes) as ``{"key", "image" (C, H, W) float32}``,
     decoded like :class:`~diffinv_pl.data.shards.ShardIndexDataset` (:func:`~diffinv_pl.data.shards.decode_image`)."""
@@ -455,7 +449,7 @@ class ResampledShardStream(IterableDataset):
         yield from itertools.islice(wds.DataPipeline(*stages), base + (worker < extra))
 
     def _seed(self, what: str, worker: int) -> int:
-        return _stream_seed("shard-stream", what, self.seed, self.epoch, self.rank, worker)
+        return hash_seed("shard-stream", what, self.seed, self.epoch, self.rank, worker)
 
     @staticmethod
     def _samples(urls: list[str], sizes: list[int] | None, rng: random.Random) -> Iterator[dict]:

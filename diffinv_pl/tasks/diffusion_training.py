@@ -29,7 +29,6 @@ to W&B when a W&B logger is attached.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
@@ -54,14 +53,9 @@ from diffinv_pl.priors.checkpoints import CHECKPOINT_FORMAT
 from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
 from diffinv_pl.priors.patches import PatchTraining, PositionalConvention
 from diffinv_pl.utils.io import atomic_write_bytes
+from diffinv_pl.utils.seeding import hash_seed
 
 log = logging.getLogger(__name__)
-
-
-def step_seed(*parts: int | str) -> int:
-    """63-bit seed from sha256 of the parts joined by '/' (e.g. seed, epoch, batch index, rank)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def ema_beta(images_per_step: int, images_seen: int, halflife_images: float, rampup_ratio: float | None) -> float:
@@ -229,7 +223,7 @@ class DiffusionTask(L.LightningModule):
     def _generators(self, stage: str, batch_idx: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
         """(CPU generator for sigma and patches, generator on ``device`` for the noise) of one step."""
         epoch = self.current_epoch if stage == "train" else 0
-        seed = step_seed(self.hparams.seed, stage, epoch, batch_idx, self.global_rank)
+        seed = hash_seed(self.hparams.seed, stage, epoch, batch_idx, self.global_rank)
         cpu = torch.Generator().manual_seed(seed)
         dev = torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
         return cpu, dev
@@ -362,7 +356,7 @@ class DiffusionTask(L.LightningModule):
         size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
         if self.hparams.image_channels is None or size is None:
             return
-        samples = self.sample(self.hparams.num_sample_images, tuple(size), step_seed(self.hparams.seed, "samples"))
+        samples = self.sample(self.hparams.num_sample_images, tuple(size), hash_seed(self.hparams.seed, "samples"))
         self._save_sample_grid(samples)
 
     # ------------------------------------------------------------------------------------------------------------

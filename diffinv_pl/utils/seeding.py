@@ -9,10 +9,16 @@ import torch
 from torch import Tensor
 
 
+def hash_seed(*parts: object) -> int:
+    """A 63-bit seed from sha256 of the parts joined by "/" (stable across processes, platforms and Python versions,
+    unlike ``hash``)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 def key_generator(seed: int, key: str, run: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator seeded from sha256("seed/key/run") (63 bits)."""
-    digest = hashlib.sha256(f"{seed}/{key}/{run}".encode()).digest()
-    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator(device).manual_seed(hash_seed(seed, key, run))
 
 
 def params_for_keys(operator, keys: list[str], seed: int, run: int = 0) -> Tensor:
