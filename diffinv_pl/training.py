@@ -3,7 +3,8 @@
 Config contract (conf/train.yaml): ``data`` instantiates a LightningDataModule, ``model`` a LightningModule (with its
 nested ``net``), ``trainer`` a ``lightning.pytorch.Trainer``, ``logger`` a mapping of loggers; ``seed`` seeds every
 RNG (workers included) and ``ckpt_path`` resumes a run. Checkpoints go to ``<paths.output_dir>/checkpoints``
-(``last.ckpt`` always kept).
+(``last.ckpt`` always kept); a directory that already holds checkpoints is refused unless the run resumes
+(``ckpt_path``) or ``overwrite=true``, so a finished run is never overwritten by accident.
 """
 
 from __future__ import annotations
@@ -29,11 +30,19 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             f"no {' and no '.join(missing)} configured: choose a training setup with experiment=<name> "
             "(e.g. experiment=gmm_denoiser) or data=<name> model=<name>"
         )
+    checkpoint_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    previous = sorted(checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
+    if previous and cfg.get("ckpt_path") is None and not cfg.get("overwrite", False):
+        raise FileExistsError(
+            f"{str(checkpoint_dir)!r} already holds checkpoints of a run ({', '.join(p.name for p in previous[:3])}"
+            f"{', ...' if len(previous) > 3 else ''}): resume it with ckpt_path={checkpoint_dir / 'last.ckpt'}, choose "
+            "another paths.output_dir, or pass overwrite=true to replace them"
+        )
     L.seed_everything(cfg.seed, workers=True)
     data = instantiate(cfg.data)
     model = instantiate(cfg.model)
     loggers = instantiate_loggers(cfg.get("logger"))
-    checkpoints = ModelCheckpoint(dirpath=Path(cfg.paths.output_dir) / "checkpoints", save_last=True)
+    checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True)
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoints])
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -153,3 +153,15 @@ def test_train_cli_one_epoch(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_training_into_a_directory_with_checkpoints_is_refused_unless_resuming(tmp_path):
+    run_training(_train_cfg(tmp_path, 1))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints.*resume it with ckpt_path=.*last.ckpt"):
+        run_training(_train_cfg(tmp_path, 1))
+    assert last.read_bytes() == before  # nothing touched
+    metrics = run_training(_train_cfg(tmp_path, 2, f"ckpt_path={last}"))  # resuming the run is allowed
+    assert math.isfinite(metrics["train/loss"])
+    run_training(_train_cfg(tmp_path, 1, "overwrite=true"))  # explicit replacement is allowed
