@@ -353,11 +353,14 @@ class DiffusionTask(L.LightningModule):
         every = self.hparams.sample_every_n_epochs
         if not every or self.trainer.sanity_checking or (self.current_epoch + 1) % every:
             return
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # log_dir is a collective: every rank
+        if not self.trainer.is_global_zero:  # one grid per epoch; the EMA model's calls need no collectives
+            return
         size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
         if self.hparams.image_channels is None or size is None:
             return
         samples = self.sample(self.hparams.num_sample_images, tuple(size), hash_seed(self.hparams.seed, "samples"))
-        self._save_sample_grid(samples)
+        self._save_sample_grid(samples, root / "samples" / f"epoch_{self.current_epoch:04d}.png")
 
     # ------------------------------------------------------------------------------------------------------------
     # sampling
@@ -381,7 +384,7 @@ class DiffusionTask(L.LightningModule):
             x = x_next
         return self._to_data(x).float()
 
-    def _save_sample_grid(self, samples: Tensor) -> None:
+    def _save_sample_grid(self, samples: Tensor, path: Path) -> None:
         from torchvision.utils import make_grid  # imported here: torchvision is slow to import and only needed here
 
         lo, hi = self.data_range or self.model_range
@@ -389,13 +392,10 @@ class DiffusionTask(L.LightningModule):
         array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         buffer = io.BytesIO()
         Image.fromarray(array if array.shape[-1] == 3 else array[..., 0]).save(buffer, format="PNG")
-        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        path = root / "samples" / f"epoch_{self.current_epoch:04d}.png"
-        if self.trainer.is_global_zero:
-            atomic_write_bytes(path, buffer.getvalue())
-            for logger in self.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key="samples", images=[str(path)], step=self.global_step)
+        atomic_write_bytes(path, buffer.getvalue())
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[str(path)], step=self.global_step)
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints
