@@ -10,7 +10,7 @@ from PIL import Image
 
 from diffinv_pl.operators import MatrixOperator, build_operator
 from diffinv_pl.operators.image import bicubic_resize_matrix
-from diffinv_pl.operators.ranges import SYMMETRIC, UNIT, convert_range
+from diffinv_pl.utils.ranges import SYMMETRIC, UNIT, convert_range
 
 F64 = torch.float64
 

@@ -32,7 +32,7 @@ class ForwardOperator(nn.Module, ABC):
     """Base class: subclasses set ``in_shape``/``out_shape`` and implement ``_forward``.
 
     ``input_range`` is the signal range the operator is defined on ((0, 1) for PaDIS CT, (-1, 1) for the DPS family,
-    None for plain vectors); convert with :func:`diffinv_pl.operators.ranges.convert_range`.
+    None for plain vectors); convert with :func:`diffinv_pl.utils.ranges.convert_range`.
     """
 
     in_shape: tuple[int, ...]

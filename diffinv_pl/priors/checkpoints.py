@@ -18,9 +18,9 @@ from torch import nn
 
 from diffinv_pl.diffusion.losses import build_objective
 from diffinv_pl.diffusion.preconditioning import broadcast_sigma
-from diffinv_pl.operators.ranges import convert_range
 from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
 from diffinv_pl.priors.patches import PositionalConvention
+from diffinv_pl.utils.ranges import convert_range
 
 CHECKPOINT_FORMAT = "diffinv_pl.diffusion_prior/1"
 

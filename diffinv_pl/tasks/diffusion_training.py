@@ -47,12 +47,12 @@ from torch.optim.swa_utils import AveragedModel
 from diffinv_pl.diffusion.losses import build_objective, denoising_loss
 from diffinv_pl.diffusion.preconditioning import Denoiser
 from diffinv_pl.diffusion.schedules import edm_sigmas
-from diffinv_pl.operators.ranges import convert_range
 from diffinv_pl.priors.analytic import GaussianMixture
 from diffinv_pl.priors.checkpoints import CHECKPOINT_FORMAT
 from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
 from diffinv_pl.priors.patches import PatchTraining, PositionalConvention
 from diffinv_pl.utils.io import atomic_write_bytes
+from diffinv_pl.utils.ranges import convert_range
 from diffinv_pl.utils.seeding import hash_seed
 
 log = logging.getLogger(__name__)

@@ -41,9 +41,9 @@ from diffinv_pl.diffusion.schedules import SamplingGrid
 from diffinv_pl.metrics.fid_stats import load_image
 from diffinv_pl.metrics.image import ImageMetrics
 from diffinv_pl.operators.base import ForwardOperator
-from diffinv_pl.operators.ranges import UNIT, convert_range
 from diffinv_pl.solvers.base import InverseProblem, Solver
 from diffinv_pl.utils.io import atomic_write_text, atomic_write_with
+from diffinv_pl.utils.ranges import UNIT, convert_range
 from diffinv_pl.utils.seeding import key_generator
 from diffinv_pl.utils.stats import mean_ci95
 
