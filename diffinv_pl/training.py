@@ -3,7 +3,7 @@
 Config contract (conf/train.yaml): ``data`` instantiates a LightningDataModule, ``model`` a LightningModule (with its
 nested ``net``), ``trainer`` a ``lightning.pytorch.Trainer``, ``logger`` a mapping of loggers; ``seed`` seeds every
 RNG (workers included) and ``ckpt_path`` resumes a run. Checkpoints go to ``<paths.output_dir>/checkpoints``
-(``last.ckpt`` always kept); a directory that already holds checkpoints is refused unless the run resumes
+(``last.ckpt`` always kept; every epoch, or every ``checkpoint_every_n_steps`` optimizer steps); a directory that already holds checkpoints is refused unless the run resumes
 (``ckpt_path``) or ``overwrite=true``, so a finished run is never overwritten by accident.
 """
 
@@ -42,7 +42,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     data = instantiate(cfg.data)
     model = instantiate(cfg.model)
     loggers = instantiate_loggers(cfg.get("logger"))
-    checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True)
+    checkpoints = ModelCheckpoint(
+        dirpath=checkpoint_dir, save_last=True, every_n_train_steps=cfg.get("checkpoint_every_n_steps")
+    )
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoints])
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -282,20 +282,31 @@ class _RecordLosses(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def test_resume_from_mid_run_checkpoint_repeats_uninterrupted_losses(tmp_path):
-    def fit(max_epochs, root, ckpt_path=None):
+@pytest.mark.parametrize("where", ["epoch_end", "mid_epoch"])
+def test_resume_from_mid_run_checkpoint_repeats_uninterrupted_losses(where, tmp_path):
+    # 16 phantoms, batch 4: 4 steps per epoch. Checkpoint after epoch 2 (step 8) or in the middle of epoch 2 (step 6).
+    def fit(max_epochs, root, ckpt_path=None, every_n_train_steps=None):
         L.seed_everything(0)
         task = _tiny_task(patch=True, dropout=0.1)  # dropout: its masks must also repeat after a resume
         record = _RecordLosses()
-        ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1, every_n_epochs=1)
+        if every_n_train_steps:
+            ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_train_steps=every_n_train_steps)
+        else:
+            ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1, every_n_epochs=1)
         trainer = _trainer(root, max_epochs=max_epochs, callbacks=[record, ckpt])
         trainer.fit(task, datamodule=_phantom_data(), ckpt_path=ckpt_path)
         return record.losses, task
 
     full, task_full = fit(4, tmp_path / "full")
-    first, _ = fit(2, tmp_path / "part")
-    rest, task_resumed = fit(4, tmp_path / "part2", ckpt_path=tmp_path / "part" / "last.ckpt")
-    assert len(full) == 16 and len(first) == 8 and len(rest) == 8
+    if where == "epoch_end":
+        first, _ = fit(2, tmp_path / "part")
+        resume_from = tmp_path / "part" / "last.ckpt"
+    else:
+        first, _ = fit(2, tmp_path / "part", every_n_train_steps=6)
+        first = first[:6]  # the run went on to step 8; the checkpoint holds step 6
+        resume_from = tmp_path / "part" / "epoch=1-step=6.ckpt"
+    rest, task_resumed = fit(4, tmp_path / "part2", ckpt_path=resume_from)
+    assert len(full) == 16 and len(first) + len(rest) == 16
     torch.testing.assert_close(torch.tensor(first + rest), torch.tensor(full), rtol=0, atol=1e-6)
     for a, b in zip(task_full.state_dict().values(), task_resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -10,7 +10,8 @@ Distributed semantics (rank r of w processes, from the attached Trainer, or :met
   for one process, and a DataLoader with ``drop_last=True``: every rank runs ``floor(floor(N / w) / B)`` batches of
   exactly B images, the ranks' samples within an epoch are disjoint, and the order is a pure function of
   (seed, epoch, w); Lightning calls ``sampler.set_epoch(epoch)`` itself and leaves a DistributedSampler in place
-  whether or not the trainer has ``use_distributed_sampler``.
+  whether or not the trainer has ``use_distributed_sampler``. Resuming from a mid-epoch checkpoint skips the batches
+  the restored epoch already trained on (:class:`ResumableDistributedSampler`), so the run continues exactly.
 * :class:`ShardTrainingDataModule` (webdataset tars). Shards are dealt to the w x W streams (W DataLoader workers, 1
   without workers); each stream draws shards from its own share with replacement, weighted by sample count when the
   shard index is known, shuffles samples in a buffer and cuts fixed-size batches. Every rank runs exactly
@@ -150,6 +151,54 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler(shuffle=True, drop_last=True)`` whose next pass can start ``skip`` samples into the
+    epoch's order: resuming from a mid-epoch checkpoint continues with exactly the batches an uninterrupted run would
+    have seen. ``skip`` applies to one pass only; ``len`` stays the full epoch (as Lightning expects)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices, self.skip = list(super().__iter__())[self.skip :], 0
+        return iter(indices)
+
+
+class _ResumableLoader(DataLoader):
+    """Training DataLoader that Lightning treats as resumable (it has ``state_dict`` / ``load_state_dict``).
+
+    The position is not counted here (Lightning prefetches a batch, so a loader's own count runs ahead): at each
+    ``iter`` the loader asks ``batches_done()`` how many batches of the current epoch the restored trainer has
+    already trained on, and its sampler skips them.
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._batches_done = batches_done
+
+    def __iter__(self):
+        self.sampler.skip = self._batches_done() * self.batch_size
+        return super().__iter__()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to load: the restored trainer's batch progress says where the epoch stopped."""
+
+
+def _batches_done_in_restored_epoch(trainer) -> int:
+    """Batches of the current epoch already trained on when ``trainer`` resumes mid-epoch from a checkpoint, else 0."""
+    if trainer is None:
+        return 0
+    loop = trainer.fit_loop.epoch_loop
+    done = loop.batch_progress.current.processed
+    if not loop.restarting or done >= trainer.num_training_batches:
+        return 0  # a fresh epoch (or an end-of-epoch checkpoint: the next epoch starts from its beginning)
+    return done
 
 
 class _TrainingDataModule(L.LightningDataModule):
@@ -310,17 +359,15 @@ class ImageTrainingDataModule(_TrainingDataModule):
                 f"{world_size} x {self.batch_size} = {world_size * self.batch_size}: every rank needs one full batch; "
                 "lower data.batch_size or add training images"
             )
-        sampler = DistributedSampler(
-            self.train, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=True
-        )
-        return DataLoader(
+        return _ResumableLoader(
             self.train,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=ResumableDistributedSampler(self.train, world_size, rank, self.seed),
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate_images,
             persistent_workers=self.num_workers > 0,
+            batches_done=lambda: _batches_done_in_restored_epoch(self.trainer),
         )
 
 

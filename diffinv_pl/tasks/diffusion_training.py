@@ -12,7 +12,10 @@ checked when one is loaded (:mod:`diffinv_pl.priors.checkpoints`) or resumed.
 
 Determinism: sigma, noise, patch sizes and positions come from generators seeded by (seed, epoch, batch index,
 rank), and dropout runs under a forked global RNG seeded the same way, so a run resumed from a checkpoint repeats the
-losses of an uninterrupted run exactly; nothing depends on the global RNG state.
+losses of an uninterrupted run exactly; nothing depends on the global RNG state. This holds for end-of-epoch
+checkpoints, and for mid-epoch ones (``every_n_train_steps``) with the map-style training data modules, whose loaders
+skip the batches the restored epoch has already trained on; the EMA update happens inside the optimizer step, so
+every checkpoint holds the EMA of the weights it stores.
 
 Training extras: EMA of the denoiser weights (``torch.optim.swa_utils.AveragedModel``) with EDM's half-life
 schedule, beta = 0.5 ** (images per step / min(halflife_images, rampup_ratio * images seen)); linear learning-rate
@@ -279,8 +282,11 @@ class DiffusionTask(L.LightningModule):
             if p.grad is not None:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update: both inside the training batch, before callbacks such as
+        ModelCheckpoint run their ``on_train_batch_end`` (a mid-epoch checkpoint then holds the updated EMA)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
             self.ema.update_parameters(self.denoiser)
 
     def _ema_update(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
