@@ -430,3 +430,14 @@ def test_patch_diffusion_variant_uses_the_whole_canvas_as_largest_patch(tmp_path
     x = torch.rand(2, 1, 16, 16)
     pos = canvas_positional_channels(task.convention).expand(2, -1, -1, -1)
     torch.testing.assert_close(whole(x, 0.5), task.ema_denoiser(x, 0.5, pos=pos))
+
+
+def test_prior_loader_refuses_missing_foreign_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_diffusion_prior(tmp_path / "nope.ckpt")
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a readable diffinv_pl checkpoint"):
+        load_diffusion_prior(tmp_path / "garbage.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match="is not a diffinv_pl diffusion-prior checkpoint"):
+        load_diffusion_prior(tmp_path / "foreign.ckpt")

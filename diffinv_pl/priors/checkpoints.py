@@ -64,10 +64,12 @@ def load_diffusion_prior(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}: pass the .ckpt written by train.py (checkpoints/last.ckpt)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    try:  # weights_only: our checkpoints hold plain containers and tensors, so no pickled code is ever run
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 (any unpickling failure means the file is not a checkpoint)
-        raise ValueError(f"{str(path)!r} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"{str(path)!r} is not a readable diffinv_pl checkpoint ({type(err).__name__}: {str(err)[:300]})"
+        ) from err
     info = ckpt.get("diffinv_pl") if isinstance(ckpt, dict) else None
     if not info or info.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a diffinv_pl diffusion-prior checkpoint (no {CHECKPOINT_FORMAT!r} block)")
