@@ -257,15 +257,19 @@ def sample_patches(
     return patches, pos, (top, left)
 
 
-def cut_patches(padded: Tensor, top: Tensor, left: Tensor, patch_size: int) -> Tensor:
-    """(B, C, p, p) patches ``padded[b, :, top[b]:top[b]+p, left[b]:left[b]+p]`` (one gather, no Python loop)."""
+def cut_patches(
+    padded: Tensor, top: Tensor, left: Tensor, patch_size: int, source: Tensor | None = None
+) -> Tensor:
+    """(K, C, p, p) patches ``padded[source[k], :, top[k]:top[k]+p, left[k]:left[k]+p]`` (one gather, no Python
+    loop); ``source`` (K,) picks the image of each patch (default: patch k from image k)."""
     if padded.ndim != 4:
         raise ValueError(f"padded images must be (B, C, H, W), got shape {tuple(padded.shape)}")
-    b = padded.shape[0]
     offs = torch.arange(patch_size, device=padded.device)
-    rows = top.to(padded.device)[:, None] + offs  # (B, p)
+    rows = top.to(padded.device)[:, None] + offs  # (K, p)
     cols = left.to(padded.device)[:, None] + offs
-    bi = torch.arange(b, device=padded.device)[:, None, None]
+    if source is None:
+        source = torch.arange(padded.shape[0])
+    bi = source.to(padded.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, p, p, C)
     return out.permute(0, 3, 1, 2).contiguous()
 
@@ -380,8 +384,14 @@ class PatchTraining:
         return cls(convention, probs, mult)
 
     def cut(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
-        """(patches (B m, C, P, P), pos (B m, 2, P, P), P) from (B, C, N, N) ``images``; all draws from ``generator``."""
+        """(patches (B m, C, P, P), pos (B m, 2, P, P), P) from (B, C, N, N) ``images``; all draws from ``generator``.
+        Patches k m .. k m + m - 1 come from image k; each image is padded once (not m times)."""
         size = draw_patch_size(self.probabilities, generator)
-        repeated = images.repeat_interleave(self.multipliers[size], dim=0)
-        patches, pos, _ = sample_patches(repeated, self.convention, size, generator)
+        m, b = self.multipliers[size], images.shape[0]
+        n_pos = self.convention.padded_size - size + 1
+        top = torch.randint(0, n_pos, (b * m,), generator=generator, device=generator.device).cpu()
+        left = torch.randint(0, n_pos, (b * m,), generator=generator, device=generator.device).cpu()
+        source = torch.arange(b).repeat_interleave(m)
+        patches = cut_patches(pad_images(images, self.convention), top, left, size, source)
+        pos = positional_channels(self.convention, top, left, size, b * m, images.dtype, images.device)
         return patches, pos, size
