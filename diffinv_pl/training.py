@@ -1,10 +1,11 @@
 """Training driver behind ``python train.py experiment=<name>``: datamodule + Lightning task + Trainer from config.
 
 Config contract (conf/train.yaml): ``data`` instantiates a LightningDataModule, ``model`` a LightningModule (with its
-nested ``net``), ``trainer`` a ``lightning.pytorch.Trainer``, ``logger`` a mapping of loggers; ``seed`` seeds every
-RNG (workers included) and ``ckpt_path`` resumes a run. Checkpoints go to ``<paths.output_dir>/checkpoints``
-(``last.ckpt`` always kept; every epoch, or every ``checkpoint_every_n_steps`` optimizer steps); a directory that already holds checkpoints is refused unless the run resumes
-(``ckpt_path``) or ``overwrite=true``, so a finished run is never overwritten by accident.
+nested ``net``), ``trainer`` a ``lightning.pytorch.Trainer``, ``logger`` a mapping of loggers (with a logger, the
+learning rate is logged every step); ``seed`` seeds every RNG (workers included) and ``ckpt_path`` resumes a run.
+Checkpoints go to ``<paths.output_dir>/checkpoints`` (``last.ckpt`` always kept; one per epoch, or one every
+``checkpoint_every_n_steps`` optimizer steps). A directory that already holds checkpoints is refused unless the run
+resumes (``ckpt_path``) or ``overwrite=true``, so a finished run is never overwritten by accident.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from diffinv_pl.utils.loggers import instantiate_loggers
@@ -45,7 +46,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     checkpoints = ModelCheckpoint(
         dirpath=checkpoint_dir, save_last=True, every_n_train_steps=cfg.get("checkpoint_every_n_steps")
     )
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoints])
+    callbacks = [checkpoints] + ([LearningRateMonitor(logging_interval="step")] if loggers else [])
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(model, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
