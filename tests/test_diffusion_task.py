@@ -293,9 +293,18 @@ class _RecordLosses(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.parametrize("where", ["epoch_end", "mid_epoch"])
-def test_resume_from_mid_run_checkpoint_repeats_uninterrupted_losses(where, tmp_path):
-    # 16 phantoms, batch 4: 4 steps per epoch. Checkpoint after epoch 2 (step 8) or in the middle of epoch 2 (step 6).
+@pytest.mark.parametrize(("where", "kind"), [("epoch_end", "phantoms"), ("mid_epoch", "phantoms"), ("mid_epoch", "shards")])
+def test_resume_from_mid_run_checkpoint_repeats_uninterrupted_losses(where, kind, tmp_path):
+    # 4 steps of batch 4 per epoch (16 phantoms, or a shard stream of 4 batches per epoch). Checkpoint after epoch 2
+    # (step 8) or in the middle of epoch 2 (step 6).
+    if kind == "shards":
+        write_shards(CTPhantomDataset(16, seed=11, size=16), tmp_path / "shards", samples_per_shard=5)
+
+    def data():
+        if kind == "phantoms":
+            return _phantom_data()
+        return ShardTrainingDataModule(tmp_path / "shards", batch_size=4, batches_per_epoch=4, shuffle_buffer=6)
+
     def fit(max_epochs, root, ckpt_path=None, every_n_train_steps=None):
         L.seed_everything(0)
         task = _tiny_task(patch=True, dropout=0.1)  # dropout: its masks must also repeat after a resume
@@ -305,7 +314,7 @@ def test_resume_from_mid_run_checkpoint_repeats_uninterrupted_losses(where, tmp_
         else:
             ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1, every_n_epochs=1)
         trainer = _trainer(root, max_epochs=max_epochs, callbacks=[record, ckpt])
-        trainer.fit(task, datamodule=_phantom_data(), ckpt_path=ckpt_path)
+        trainer.fit(task, datamodule=data(), ckpt_path=ckpt_path)
         return record.losses, task
 
     full, task_full = fit(4, tmp_path / "full")

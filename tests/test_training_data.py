@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from PIL import Image
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from diffinv_pl.data.images import ImageFolderDataset
 from diffinv_pl.data.phantoms import CTPhantomDataset
@@ -246,3 +246,22 @@ def test_training_data_configs_compose_and_load(name, shard_dir, tmp_path):
     if name == "train_ct_phantoms":
         assert dm.val.seed != dm.train.seed and dm.val.size == 32
         assert len(list(dm.val_dataloader())) == 2
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shard_stream_resumes_mid_epoch_with_the_remaining_batches(shard_dir, num_workers):
+    # a trainer resuming mid-epoch makes the loader call set_skip(batches already trained); the pass must then be the
+    # tail of the uninterrupted pass, whatever the worker interleaving (worker w gives batches w, w + W, ...)
+    dm = _shard_module(shard_dir, 1, 2, num_workers=num_workers, batches_per_epoch=5)
+    stream = dm.train_dataloader().dataset
+    stream.set_epoch(1)
+    full = [b["key"] for b in DataLoader(stream, batch_size=None, num_workers=num_workers)]
+    assert len(full) == 5
+    for skip in (1, 2, 3, 5):
+        stream.set_skip(skip)
+        rest = [b["key"] for b in DataLoader(stream, batch_size=None, num_workers=num_workers)]
+        assert rest == full[skip:], skip
+        assert stream.skip == skip  # workers consume a copy; the next resume sets it again
+        stream.set_skip(0)
+    with pytest.raises(ValueError, match="can skip 0..5 batches, got 6"):
+        stream.set_skip(6)

@@ -16,7 +16,8 @@ Distributed semantics (rank r of w processes, from the attached Trainer, or :met
   without workers); each stream draws shards from its own share with replacement, weighted by sample count when the
   shard index is known, shuffles samples in a buffer and cuts fixed-size batches. Every rank runs exactly
   ``batches_per_epoch`` batches of exactly B images per epoch, whatever the shard sizes; the stream is a pure
-  function of (seed, epoch, r, w, W), taken from the trainer's ``current_epoch`` when each epoch starts.
+  function of (seed, epoch, r, w, W), taken from the trainer's ``current_epoch`` when each epoch starts. Resuming
+  from a mid-epoch checkpoint replays the skipped batches' draws without decoding them and continues exactly.
 * Validation (both): sequential, not shuffled, split by :func:`~diffinv_pl.data.distributed.rank_indices` without
   padding duplicates, so ranks may run one batch more or fewer than each other: validation steps must not call
   collectives per batch (Lightning's epoch-level ``self.log(..., sync_dist=True)`` is fine).
@@ -467,9 +468,17 @@ class ResampledShardStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def set_skip(self, batches: int) -> None:
+        """Start the next pass ``batches`` batches into the epoch (resuming from a mid-epoch checkpoint): the skipped
+        batches are drawn (the shuffle buffer's state depends on them) but not decoded."""
+        if not 0 <= batches <= self.batches_per_epoch:
+            raise ValueError(f"can skip 0..{self.batches_per_epoch} batches, got {batches}")
+        self.skip = batches
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -481,19 +490,27 @@ class ResampledShardStream(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if workers != max(1, self.num_workers):
             raise RuntimeError(f"stream built for {self.num_workers} workers but iterated by {workers}")
-        stream = self.rank * workers + worker
+        # The DataLoader takes batches from its workers in turn, starting at worker 0: in an uninterrupted pass worker
+        # w gives the epoch's batches w, w + W, ... A pass resumed `skip` batches in starts at batch `skip`, so worker
+        # w continues the batches of worker origin = (w + skip) mod W, of which the first ceil((skip - origin) / W)
+        # were already trained on.
+        origin = (worker + self.skip) % workers
+        stream = self.rank * workers + origin
         step = self.world_size * workers
         urls = self.urls[stream::step]
         sizes = None if self.shard_sizes is None else self.shard_sizes[stream::step]
         base, extra = divmod(self.batches_per_epoch, workers)
-        stages: list = [lambda: self._samples(urls, sizes, random.Random(self._seed("shards", worker)))]
+        stages: list = [lambda: self._samples(urls, sizes, random.Random(self._seed("shards", origin)))]
         if self.shuffle_buffer > 0:
             stages.append(
-                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self._seed("samples", worker))
+                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self._seed("samples", origin))
             )
-        stages.append(wds.map(decode_shard_sample))
-        stages.append(wds.batched(self.batch_size, collation_fn=collate_images, partial=False))
-        yield from itertools.islice(wds.DataPipeline(*stages), base + (worker < extra))
+        stages.append(wds.batched(self.batch_size, collation_fn=list, partial=False))
+        count = base + (origin < extra)
+        skipped = max(0, -(-(self.skip - origin) // workers))
+        raw = itertools.islice(wds.DataPipeline(*stages), skipped, count)
+        for samples in raw:
+            yield collate_images([decode_shard_sample(sample) for sample in samples])
 
     def _seed(self, what: str, worker: int) -> int:
         return hash_seed("shard-stream", what, self.seed, self.epoch, self.rank, worker)
@@ -514,18 +531,33 @@ class ResampledShardStream(IterableDataset):
 
 
 class _StreamLoader(DataLoader):
-    """A DataLoader over a :class:`ResampledShardStream` that hands the stream the trainer's epoch before each pass.
+    """A DataLoader over a :class:`ResampledShardStream` that hands the stream the trainer's epoch before each pass,
+    and, when the trainer resumes mid-epoch, the number of batches to skip (resumable like :class:`_ResumableLoader`).
     Workers are started per pass (not persistent) so that each epoch's workers receive that epoch."""
 
-    def __init__(self, stream: ResampledShardStream, num_workers: int, epoch: Callable[[], int | None]):
+    def __init__(
+        self,
+        stream: ResampledShardStream,
+        num_workers: int,
+        epoch: Callable[[], int | None],
+        batches_done: Callable[[], int],
+    ):
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
         self._epoch = epoch
+        self._batches_done = batches_done
 
     def __iter__(self):
         epoch = self._epoch()
         if epoch is not None:
             self.dataset.set_epoch(epoch)
+        self.dataset.set_skip(self._batches_done())
         return super().__iter__()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to load: the restored trainer's batch progress says where the epoch stopped."""
 
 
 class ShardTrainingDataModule(_TrainingDataModule):
@@ -603,7 +635,9 @@ class ShardTrainingDataModule(_TrainingDataModule):
             seed=self.seed,
             shard_sizes=self.shard_sizes,
         )
-        return _StreamLoader(stream, self.num_workers, self._trainer_epoch)
+        return _StreamLoader(
+            stream, self.num_workers, self._trainer_epoch, lambda: _batches_done_in_restored_epoch(self.trainer)
+        )
 
     def _trainer_epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None

@@ -13,8 +13,8 @@ checked when one is loaded (:mod:`diffinv_pl.priors.checkpoints`) or resumed.
 Determinism: sigma, noise, patch sizes and positions come from generators seeded by (seed, epoch, batch index,
 rank), and dropout runs under a forked global RNG seeded the same way, so a run resumed from a checkpoint repeats the
 losses of an uninterrupted run exactly; nothing depends on the global RNG state. This holds for end-of-epoch
-checkpoints, and for mid-epoch ones (``every_n_train_steps``) with the map-style training data modules, whose loaders
-skip the batches the restored epoch has already trained on; the EMA update happens inside the optimizer step, so
+checkpoints, and for mid-epoch ones (``checkpoint_every_n_steps``) with the training data modules of
+:mod:`diffinv_pl.data.training`, whose loaders skip the batches the restored epoch has already trained on; the EMA update happens inside the optimizer step, so
 every checkpoint holds the EMA of the weights it stores.
 
 Training extras: EMA of the denoiser weights (``torch.optim.swa_utils.AveragedModel``) with EDM's half-life
