@@ -49,11 +49,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import torch
 from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from diffinv_pl.utils.io import atomic_write_text, atomic_write_with, csv_text
+from diffinv_pl.utils.io import atomic_write_text, csv_text, save_npy, save_png
 
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {  # name -> (center, width) in HU
     "abdomen": (40.0, 400.0),
@@ -203,16 +204,10 @@ def load_hu(info: SliceInfo, size: int | None) -> np.ndarray:
 
 def write_slice(path: Path, v: np.ndarray, fmt: str) -> None:
     """Windowed values ``v`` (H, W) in [0, 1]: 8-bit grayscale PNG ``round(255 v)`` or float32 ``(1, H, W)`` NPY."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "npy":
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:  # a file object: np.save would append ".npy" to a path
-                np.save(handle, v[None].astype(np.float32))
-
-        atomic_write_with(path, write)
+        save_npy(path, v[None].astype(np.float32))
     else:
-        q = np.round(v * 255.0).astype(np.uint8)
-        atomic_write_with(path, lambda tmp: Image.fromarray(q).save(tmp, format="PNG"))
+        save_png(path, torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))[None])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,11 +33,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 from diffinv_pl.data.images import CORRUPT_POLICIES, ImageFolderDataset
-from diffinv_pl.utils.io import atomic_write_text, atomic_write_with
+from diffinv_pl.utils.io import atomic_write_text, save_png
 
 SPLITS = ("train", "test")
 
@@ -95,12 +93,7 @@ def plan_split(
 def write_split(plan: SplitPlan) -> SplitResult:
     """Write every image of a planned split (and its manifest) atomically; returns what was written."""
     for index, target in enumerate(plan.targets):
-        image = plan.dataset[index]["image"]  # (C, size, size) float32 in [0, 1]
-        q = np.round(image.numpy() * 255.0).astype(np.uint8)
-        pil = Image.fromarray(q[0] if q.shape[0] == 1 else np.ascontiguousarray(q.transpose(1, 2, 0)))
-        path = plan.output_dir / target
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_with(path, lambda tmp: pil.save(tmp, format="PNG"))
+        save_png(plan.output_dir / target, plan.dataset[index]["image"])  # (C, size, size) float32 in [0, 1]
     written = sorted(plan.targets)
     if plan.manifest is not None:
         atomic_write_text(plan.manifest, "".join(f"{rel}\n" for rel in written))

@@ -19,7 +19,7 @@ from torch import nn
 from diffinv_pl.diffusion.losses import build_objective
 from diffinv_pl.diffusion.preconditioning import broadcast_sigma
 from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
-from diffinv_pl.priors.patches import PositionalConvention
+from diffinv_pl.priors.patches import PatchTraining, PositionalConvention
 from diffinv_pl.utils.ranges import convert_range
 
 CHECKPOINT_FORMAT = "diffinv_pl.diffusion_prior/1"
@@ -97,11 +97,9 @@ def load_diffusion_prior(
         raise ValueError(f"checkpoint {str(path)!r} has no EMA weights: load it with use_ema=False")
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     denoiser.load_state_dict(state)
-    sizes = hp.get("patch") or {}
     max_patch = hp.get("inference_patch_size")
-    if convention is not None and max_patch is None:
-        patch_sizes = sizes.get("patch_sizes", (16, 32, 64))
-        max_patch = convention.padded_size if isinstance(patch_sizes, str) else max(int(s) for s in patch_sizes)
+    if convention is not None and max_patch is None:  # the largest training patch, as DiffusionTask resolves it
+        max_patch = max(PatchTraining.build(**hp["patch"]).probabilities)
     ranges = {k: tuple(info[k]) if info.get(k) is not None else None for k in ("data_range", "model_range")}
     return DiffusionPrior(
         denoiser.eval().requires_grad_(False),

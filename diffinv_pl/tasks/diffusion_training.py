@@ -32,7 +32,6 @@ to W&B when a W&B logger is attached.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -43,9 +42,9 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from PIL import Image
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from diffinv_pl.diffusion.losses import build_objective, denoising_loss
 from diffinv_pl.diffusion.preconditioning import Denoiser
@@ -54,7 +53,7 @@ from diffinv_pl.priors.analytic import GaussianMixture
 from diffinv_pl.priors.checkpoints import CHECKPOINT_FORMAT
 from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
 from diffinv_pl.priors.patches import PatchTraining, PositionalConvention
-from diffinv_pl.utils.io import atomic_write_bytes
+from diffinv_pl.utils.io import save_png
 from diffinv_pl.utils.ranges import convert_range
 from diffinv_pl.utils.seeding import hash_seed
 
@@ -395,10 +394,7 @@ class DiffusionTask(L.LightningModule):
 
         lo, hi = self.data_range or self.model_range
         grid = make_grid(((samples - lo) / (hi - lo)).clamp(0, 1).cpu(), nrow=int(math.ceil(math.sqrt(len(samples)))))
-        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        buffer = io.BytesIO()
-        Image.fromarray(array if array.shape[-1] == 3 else array[..., 0]).save(buffer, format="PNG")
-        atomic_write_bytes(path, buffer.getvalue())
+        save_png(path, grid)
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[str(path)], step=self.global_step)
@@ -436,9 +432,8 @@ class DiffusionTask(L.LightningModule):
 
 
 def _psnr(x: Tensor, ref: Tensor, lo: float, hi: float) -> Tensor:
-    """Per-image PSNR in dB of ``x`` clamped to [lo, hi] against ``ref``, data range hi - lo."""
-    mse = (x.clamp(lo, hi) - ref).square().flatten(1).mean(1).clamp_min(1e-20)
-    return 10 * torch.log10((hi - lo) ** 2 / mse)
+    """Per-image PSNR in dB of ``x`` clamped to [lo, hi] against ``ref``, data range hi - lo (torchmetrics)."""
+    return peak_signal_noise_ratio(x, ref, data_range=(lo, hi), reduction="none", dim=tuple(range(1, x.ndim)))
 
 
 def _plain(value: Any) -> Any:

@@ -31,7 +31,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -42,7 +41,7 @@ from diffinv_pl.metrics.fid_stats import load_image
 from diffinv_pl.metrics.image import ImageMetrics
 from diffinv_pl.operators.base import ForwardOperator
 from diffinv_pl.solvers.base import InverseProblem, Solver
-from diffinv_pl.utils.io import atomic_write_text, atomic_write_with
+from diffinv_pl.utils.io import atomic_write_text, save_npy, save_png
 from diffinv_pl.utils.ranges import UNIT, convert_range
 from diffinv_pl.utils.seeding import key_generator
 from diffinv_pl.utils.stats import mean_ci95
@@ -51,21 +50,6 @@ from diffinv_pl.utils.stats import mean_ci95
 
 def _safe_key(key: str) -> str:
     return key.replace("/", "__")
-
-
-def _save_png(path: Path, image: Tensor) -> None:
-    """(C, H, W) in [0, 1] -> 8-bit PNG (grayscale or RGB)."""
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
-    atomic_write_with(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
-
-
-def _save_npy(path: Path, array: Tensor) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array.cpu().numpy())
-
-    atomic_write_with(path, write)
 
 
 def _visualise(y: Tensor) -> Tensor:
@@ -238,15 +222,15 @@ class ReconstructionTask:
 
     def _write_sample(self, key, target, mean, std, y, scores_mean, scores_runs, b, cost) -> None:
         folder = self.output_dir / "samples" / _safe_key(key)
-        _save_png(folder / "recon.png", mean)
-        _save_png(folder / "target.png", target)
-        _save_png(folder / "measurement.png", _visualise(y))
+        save_png(folder / "recon.png", mean)
+        save_png(folder / "target.png", target)
+        save_png(folder / "measurement.png", _visualise(y))
         if target.shape[0] == 1:  # float data (CT): keep the exact values too
-            _save_npy(folder / "recon.npy", mean)
-            _save_npy(folder / "target.npy", target)
+            save_npy(folder / "recon.npy", mean)
+            save_npy(folder / "target.npy", target)
         if self.num_runs > 1:
-            _save_png(folder / "std.png", std / std.amax().clamp(min=1e-12))
-            _save_npy(folder / "std.npy", std)
+            save_png(folder / "std.png", std / std.amax().clamp(min=1e-12))
+            save_npy(folder / "std.npy", std)
         row: dict[str, Any] = {"key": key}
         for name, values in scores_mean.items():
             per_run = [float(s[name][b]) for s in scores_runs]

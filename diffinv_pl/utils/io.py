@@ -10,28 +10,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write bytes to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+import numpy as np
+import torch
+from PIL import Image
 
 
 def atomic_write_with(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a hidden temporary file beside ``path`` (e.g. ``image.save``), then move it onto
-    ``path``; the temporary file is removed if ``write`` fails."""
+    """Call ``write(tmp)`` on a hidden, uniquely named temporary file beside ``path`` (e.g. ``image.save``), then move
+    it onto ``path`` with ``os.replace``; the temporary file is removed if ``write`` fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -40,9 +31,28 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], object]) -> Path
     return path
 
 
+def save_png(path: str | Path, image: torch.Tensor) -> Path:
+    """Atomically write a (C, H, W) image in [0, 1] (C = 1 or 3; values clamped) as an 8-bit PNG, value round(255 x)
+    (grayscale "L" for one channel, "RGB" for three)."""
+    arr = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    arr = arr[0] if arr.shape[0] == 1 else np.ascontiguousarray(arr.transpose(1, 2, 0))
+    return atomic_write_with(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+
+
+def save_npy(path: str | Path, array: np.ndarray | torch.Tensor) -> Path:
+    """Atomically write an array as ``.npy`` (through a file object: ``np.save`` would append ".npy" to a path)."""
+    data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, data)
+
+    return atomic_write_with(path, write)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 text to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    """Write UTF-8 text to ``path`` atomically (see :func:`atomic_write_with`)."""
+    return atomic_write_with(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
 
 
 def csv_text(rows: Sequence[dict[str, Any]]) -> str:
