@@ -20,8 +20,25 @@ def _offline_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _results_settings(cfg: DictConfig) -> str:
+    """What decides the results (not devices, batching, logging or paths), as JSON text (so that Hydra does not
+    instantiate its ``_target_``s)."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("paths", "logger", "trainer", "hydra", "debug", "datamodule"):
+        settings.pop(key, None)
+    for key in ("output_dir", "overwrite", "settings", "solver_progress"):
+        settings["task"].pop(key, None)
+    return json.dumps(settings, sort_keys=True)
+
+
 def run_evaluation(cfg: DictConfig) -> list[dict]:
-    """Instantiate ``cfg.task`` and run it; aggregate results go to every configured logger."""
+    """Instantiate ``cfg.task`` and run it; returns the aggregate table (rank 0; empty on other ranks).
+
+    A LightningModule task (``task=reconstruction``) runs as ``trainer.test(task, datamodule=cfg.datamodule)`` with
+    the configured loggers attached to the Trainer; other tasks (the GMM benchmark) have a ``run()`` method and their
+    table goes to every configured logger.
+    """
+    import lightning as L
     from hydra.utils import instantiate
 
     from diffinv_pl.utils.loggers import instantiate_loggers
@@ -29,20 +46,24 @@ def run_evaluation(cfg: DictConfig) -> list[dict]:
     if "task" not in cfg or cfg.task is None:
         raise ValueError("no evaluation task configured: choose one with task=<name> or experiment=<name>")
     overrides = {}
-    if "settings" in cfg.task and cfg.task.settings is None:  # what decides the results (not devices or batching)
-        settings = OmegaConf.to_container(cfg, resolve=True)
-        for key in ("paths", "logger", "trainer", "hydra", "debug"):
-            settings.pop(key, None)
-        for key in ("batch_size", "num_workers", "output_dir", "overwrite", "trainer", "settings", "solver_progress"):
-            settings["task"].pop(key, None)
-        overrides["settings"] = json.dumps(settings, sort_keys=True)  # text: Hydra must not instantiate its _target_s
+    if "settings" in cfg.task and cfg.task.settings is None:
+        overrides["settings"] = _results_settings(cfg)
     task = instantiate(cfg.task, _convert_="all", **overrides)
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if isinstance(task, L.LightningModule):
+        if cfg.get("datamodule") is None:
+            raise ValueError("a LightningModule evaluation task needs a `datamodule` config (task=reconstruction sets it)")
+        datamodule = instantiate(cfg.datamodule, _convert_="all")
+        trainer = instantiate(cfg.trainer, logger=loggers or False)
+        results = trainer.test(task, datamodule=datamodule, verbose=False)
+        if trainer.global_rank != 0 or not results:
+            return []
+        prefix = "results/"
+        table = [{"task": "reconstruction", **{k[len(prefix) :]: v for k, v in results[0].items() if k.startswith(prefix)}}]
+        return table
     table = task.run()
-    if hasattr(task, "log_to") and table:  # rank 0 only: other ranks return no table
-        task.log_to(loggers)
     for logger in loggers:
         for row in table:  # string fields name the row, numeric fields are its metrics
             prefix = "/".join(str(v) for v in row.values() if isinstance(v, str))

@@ -20,8 +20,9 @@ from diffinv_pl.data.shards import write_shards
 from diffinv_pl.data.training import ImageTrainingDataModule, ShardTrainingDataModule
 from diffinv_pl.diffusion.losses import EDMObjective, VEObjective, VPObjective, build_objective, denoising_loss
 from diffinv_pl.diffusion.schedules import vp_continuous_sigma
-from diffinv_pl.priors.checkpoints import RangeAdaptedDenoiser, load_diffusion_prior
-from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
+from diffinv_pl.priors.checkpoints import CHECKPOINT_FORMAT, PriorCheckpointDescription, load_diffusion_prior
+from diffinv_pl.priors.network import NetworkPrior, RangeAdaptedPrior
+from diffinv_pl.priors.patch_denoiser import PatchAssembledPrior
 from diffinv_pl.priors.patches import PatchTraining, PositionalConvention, canvas_positional_channels
 from diffinv_pl.priors.unet import UNetDenoiserNet
 from diffinv_pl.tasks.diffusion_training import DiffusionTask, ema_beta
@@ -35,7 +36,7 @@ TINY_NET = {
     "layers_per_block": 1,
     "norm_num_groups": 8,
 }
-TINY_PATCH = {"canvas_size": 16, "pad_width": 4, "patch_sizes": [4, 8], "real_p": 0.5, "multipliers": {4: 2, 8: 1}}
+TINY_PATCH = {"image_size": 16, "pad_width": 4, "patch_sizes": [4, 8], "real_p": 0.5, "multipliers": {4: 2, 8: 1}}
 
 
 def _tiny_task(patch: bool = True, dropout: float = 0.0, **kwargs) -> DiffusionTask:
@@ -146,8 +147,8 @@ def test_assembled_denoiser_is_exact_for_pointwise_and_positional_patch_denoiser
         return 2 * x - sigma.reshape(-1, 1, 1, 1)
 
     x = torch.rand(2, 1, n, n, dtype=torch.float64)
-    d = PatchAssembledDenoiser(pointwise, convention, p, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(d(x, 0.3), 2 * x - 0.3, rtol=0, atol=1e-12)
+    d = PatchAssembledPrior(pointwise, convention, p)
+    torch.testing.assert_close(d.denoise(x, 0.3, generator=torch.Generator().manual_seed(0)), 2 * x - 0.3, rtol=0, atol=1e-12)
     per_side = math.ceil((n + m) / p)
     assert calls == [2 * per_side**2]
     if (n, m, p) == (256, 24, 56):
@@ -157,14 +158,14 @@ def test_assembled_denoiser_is_exact_for_pointwise_and_positional_patch_denoiser
     # every shift: the coordinates are cut from the right place and the patches written back to the right place
     coords = canvas_positional_channels(convention, dtype=torch.float64)[:, m : m + n, m : m + n]
     for channel in (0, 1):
-        d = PatchAssembledDenoiser(lambda z, s, pos, c=channel: pos[:, c : c + 1], convention, p)
+        d = PatchAssembledPrior(lambda z, s, pos, c=channel: pos[:, c : c + 1], convention, p)
         for shift in {(0, 0), (max(m - 1, 0), 0), (0, max(m - 1, 0)), (m // 2, max(m - 1, 0))}:
             torch.testing.assert_close(d(x, 1.0, shift=shift)[0, 0], coords[channel], rtol=0, atol=1e-12)
 
 
 def test_assembled_denoiser_errors():
-    d = PatchAssembledDenoiser(lambda z, s, pos: z, PositionalConvention(16, 4), 8)
-    with pytest.raises(ValueError, match="canvas_size"):
+    d = PatchAssembledPrior(lambda z, s, pos: z, PositionalConvention(16, 4), 8)
+    with pytest.raises(ValueError, match="image_size"):
         d(torch.zeros(1, 1, 12, 12), 1.0)
     with pytest.raises(ValueError, match=r"shift \(4, 0\) must lie in \[0, 3\]"):
         d(torch.zeros(1, 1, 16, 16), 1.0, shift=(4, 0))
@@ -229,7 +230,7 @@ def test_tiny_padis_ct_lowers_loss_and_denoises_held_out_phantoms(trained_padis,
     x0 = 2 * held_out - 1  # model range [-1, 1]
     noisy = x0 + 0.2 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        denoised = prior.whole_image(generator=torch.Generator().manual_seed(0))(noisy, 0.2)
+        denoised = prior.whole_image().denoise(noisy, 0.2, generator=torch.Generator().manual_seed(0))
 
     def psnr(x):  # on [0, 1], i.e. data range 2 in model units
         return (10 * torch.log10(4 / (x.clamp(-1, 1) - x0).square().flatten(1).mean(1))).mean().item()
@@ -277,12 +278,12 @@ def test_range_adapted_denoiser_is_exact_for_a_gaussian_prior():
             s = sigma.reshape(-1, 1, 1, 1)
             return mu + tau**2 / (tau**2 + s**2) * (x - mu)
 
-    adapted = RangeAdaptedDenoiser(ModelGaussian(), (0.0, 1.0), (-1.0, 1.0))
+    adapted = RangeAdaptedPrior(NetworkPrior(ModelGaussian(), (-1.0, 1.0)), (0.0, 1.0))
     x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
     sigma = torch.tensor([0.05, 0.2, 1.0], dtype=torch.float64)
     mu_d, tau_d = (mu + 1) / 2, tau / 2
     exact = mu_d + tau_d**2 / (tau_d**2 + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - mu_d)
-    torch.testing.assert_close(adapted(x, sigma), exact, rtol=0, atol=1e-12)
+    torch.testing.assert_close(adapted.denoise(x, sigma), exact, rtol=0, atol=1e-12)
 
 
 class _RecordLosses(Callback):
@@ -347,14 +348,33 @@ def test_ema_schedule_and_nonfinite_gradients():
 def test_ema_follows_the_weights_with_the_configured_half_life(tmp_path):
     task = _tiny_task(patch=False, ema_halflife_images=4, ema_rampup_ratio=None)  # batch 4: beta = 0.5 per step
     before = [p.detach().clone() for p in task.denoiser.parameters()]
-    _trainer(tmp_path, max_steps=2, enable_checkpointing=False, limit_val_batches=0).fit(task, datamodule=_phantom_data())
-    after = list(task.denoiser.parameters())
+    first_step: list[list[torch.Tensor]] = []
+
+    class RecordFirstStep(Callback):  # the EMA update runs inside the optimizer step, before this hook
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:
+                first_step.append([p.detach().clone() for p in module.denoiser.parameters()])
+                for e, w in zip(module.ema.module.parameters(), first_step[0]):
+                    assert torch.equal(e, w)  # the first update copies the step-1 weights (w1)
+
+    trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=False, limit_val_batches=0, callbacks=[RecordFirstStep()])
+    trainer.fit(task, datamodule=_phantom_data())
+    (w1,) = first_step
+    w2 = list(task.denoiser.parameters())
     ema = list(task.ema.module.parameters())
-    # first update copies the step-1 weights (w1); the second gives 0.5 w1 + 0.5 w2: never the initial weights, and
-    # strictly between w1 and w2 wherever they differ
     assert int(task.ema.n_averaged) == 2
-    moved = [i for i, (a, b) in enumerate(zip(before, after)) if not torch.equal(a, b)]
-    assert moved and all(not torch.equal(ema[i], after[i]) for i in moved)
+    # the second update is ema = w1 + (1 - beta) (w2 - w1) with beta = ema_beta(4, 4, 4, None) = 0.5: the midpoint,
+    # hence never the initial weights and strictly between w1 and w2 wherever they differ
+    beta = ema_beta(4, 4, 4, None)
+    assert beta == 0.5
+    moved = 0
+    for b, a1, a2, e in zip(before, w1, w2, ema):
+        torch.testing.assert_close(e, a1 + (a2 - a1) * (1 - beta), rtol=0, atol=1e-7)
+        differ = a1 != a2
+        lo, hi = torch.minimum(a1, a2), torch.maximum(a1, a2)
+        assert bool(((e > lo) & (e < hi))[differ].all())
+        moved += int(differ.sum())
+    assert moved > 0 and any(not torch.equal(e, b) for b, e in zip(before, ema))
 
 
 def test_bf16_mixed_precision_and_sample_grid(tmp_path):
@@ -420,11 +440,11 @@ def test_sample_grid_is_logged_to_an_offline_wandb_run(tmp_path, monkeypatch):
 
 
 def test_patch_diffusion_variant_uses_the_whole_canvas_as_largest_patch(tmp_path):
-    patch = {"canvas_size": 16, "pad_width": 0, "patch_sizes": "patch_diffusion", "real_p": 0.5}
+    patch = {"image_size": 16, "pad_width": 0, "patch_sizes": "patch_diffusion", "real_p": 0.5}
     task = DiffusionTask({**TINY_NET, "cond_channels": 2}, image_channels=1, data_range=(0.0, 1.0), patch=patch)
     assert task.patch.probabilities == {4: 0.2, 8: 0.3, 16: 0.5}
     assert task.patch.multipliers == {4: 1, 8: 1, 16: 1}  # relative to the canvas: every size <= 16 has m = 64
-    big = PatchTraining.build(canvas_size=256, pad_width=0, patch_sizes="patch_diffusion")
+    big = PatchTraining.build(image_size=256, pad_width=0, patch_sizes="patch_diffusion")
     assert big.multipliers == {64: 8, 128: 2, 256: 1}  # Patch-Diffusion at 256: 16/2, 4/2, 2/2
     seen = set()
 
@@ -434,11 +454,11 @@ def test_patch_diffusion_variant_uses_the_whole_canvas_as_largest_patch(tmp_path
 
     _trainer(tmp_path, max_steps=8, limit_val_batches=1, callbacks=[Sizes()]).fit(task, datamodule=_phantom_data())
     assert 16 in seen and len(seen) >= 2
-    whole = task.whole_image_denoiser(torch.Generator().manual_seed(0))
+    whole = task.whole_image_prior()
     assert whole.patch_size == 16 and whole.patches_per_side == 1  # the assembled denoiser is one full-canvas patch
     x = torch.rand(2, 1, 16, 16)
     pos = canvas_positional_channels(task.convention).expand(2, -1, -1, -1)
-    torch.testing.assert_close(whole(x, 0.5), task.ema_denoiser(x, 0.5, pos=pos))
+    torch.testing.assert_close(whole.denoise(x, 0.5, generator=torch.Generator().manual_seed(0)), task.ema_denoiser(x, 0.5, pos=pos))
 
 
 def test_prior_loader_refuses_missing_foreign_and_corrupt_files(tmp_path):
@@ -450,3 +470,90 @@ def test_prior_loader_refuses_missing_foreign_and_corrupt_files(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     with pytest.raises(ValueError, match="is not a diffinv_pl diffusion-prior checkpoint"):
         load_diffusion_prior(tmp_path / "foreign.ckpt")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoint description
+
+
+def _pad_width_keys(value) -> int:
+    if isinstance(value, dict):
+        return sum((k == "pad_width") + _pad_width_keys(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_pad_width_keys(v) for v in value)
+    return 0
+
+
+@pytest.mark.parametrize("objective", ["edm", "vp", "ve"])
+def test_checkpoint_description_round_trips_and_refuses_unknown_missing_and_old_fields(objective, tmp_path):
+    task = _tiny_task(patch=True, objective=objective, inference_patch_size=4)
+    desc = task.checkpoint_description()
+    assert desc.format == CHECKPOINT_FORMAT and desc.ema and desc.net["_target_"] == TINY_NET["_target_"]
+    assert desc.positional_convention == PositionalConvention(16, 4) and desc.inference_patch_size == 4
+    assert desc.objective_params == build_objective(objective).__dict__  # every parameter, defaults included
+    expected_sigma = {
+        "edm": (0.002, 80.0),
+        "vp": tuple(vp_continuous_sigma(torch.tensor([1e-3, 1.0], dtype=torch.float64)).tolist()),
+        "ve": (0.02, 100.0),
+    }[objective]
+    assert desc.sigma_range == pytest.approx(expected_sigma)
+    d = desc.to_dict()
+    assert json.loads(json.dumps(d)) == d  # plain containers only
+    assert _pad_width_keys(d) == 1  # the pad width is stored once, in the positional convention
+    torch.save({"diffinv_pl": d}, tmp_path / "d.pt")
+    assert PriorCheckpointDescription.from_dict(torch.load(tmp_path / "d.pt", weights_only=True)["diffinv_pl"]) == desc
+    assert PriorCheckpointDescription.from_dict(d) == desc
+    with pytest.raises(ValueError, match=r"unknown prior checkpoint description field\(s\) \['extra', 'pad_width'\]"):
+        PriorCheckpointDescription.from_dict({**d, "extra": 1, "pad_width": 4})
+    with pytest.raises(ValueError, match=r"lacks field\(s\) \['ema', 'sigma_range'\]"):
+        PriorCheckpointDescription.from_dict({k: v for k, v in d.items() if k not in ("ema", "sigma_range")})
+    with pytest.raises(ValueError, match=r"'diffinv_pl.diffusion_prior/1' is not .*retrain the prior.*re-export it"):
+        PriorCheckpointDescription.from_dict({**d, "format": "diffinv_pl.diffusion_prior/1"})
+    whole = _tiny_task(patch=False, objective=objective, ema_halflife_images=None).checkpoint_description()
+    assert whole.positional_convention is None and whole.inference_patch_size is None and not whole.ema
+    assert PriorCheckpointDescription.from_dict(whole.to_dict()) == whole
+
+
+@pytest.mark.parametrize(("patch", "ema"), [(True, True), (False, False)])
+def test_saved_checkpoint_description_is_what_the_task_built(patch, ema, tmp_path):
+    task = _tiny_task(patch=patch, ema_halflife_images=64 if ema else None)
+    trainer = _trainer(tmp_path, max_steps=1, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(task, datamodule=_phantom_data())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    built = task.checkpoint_description()
+    prior = load_diffusion_prior(path, use_ema=ema)
+    assert prior.description == built
+    assert prior.convention == built.positional_convention and prior.max_patch_size == built.inference_patch_size
+    assert prior.sigma_range == built.sigma_range == (0.002, 80.0)
+    assert (prior.data_range, prior.model_range, prior.image_channels) == ((0.0, 1.0), (-1.0, 1.0), 1)
+    for a, b in zip(prior.denoiser.state_dict().values(), task.ema_denoiser.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if not ema:
+        with pytest.raises(ValueError, match="has no EMA weights: load it with use_ema=False"):
+            load_diffusion_prior(path)
+        return
+
+    # a format-1 checkpoint (the hand-written block of earlier versions) is refused, saying what to do
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["diffinv_pl"] = {
+        "format": "diffinv_pl.diffusion_prior/1", "positional_convention": built.positional_convention.to_dict(),
+        "image_channels": 1, "data_range": (0.0, 1.0), "model_range": (-1.0, 1.0), "objective": "edm",
+    }
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match=r"format 'diffinv_pl.diffusion_prior/1' is not .*/2.*retrain the prior"):
+        load_diffusion_prior(tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="retrain the prior"):  # resuming it too
+        _tiny_task(patch=patch).on_load_checkpoint(ckpt)
+    # the re-export the message describes gives a loadable checkpoint with the same description
+    old = torch.load(tmp_path / "old.ckpt", weights_only=True)
+    rebuilt = DiffusionTask(**old["hyper_parameters"])
+    rebuilt.load_state_dict(old["state_dict"])
+    old["diffinv_pl"] = rebuilt.checkpoint_description().to_dict()
+    torch.save(old, tmp_path / "reexported.ckpt")
+    assert load_diffusion_prior(tmp_path / "reexported.ckpt").description == built
+    # unknown fields in a stored description are named
+    ckpt["diffinv_pl"] = {**built.to_dict(), "halflife": 3}
+    torch.save(ckpt, tmp_path / "unknown.ckpt")
+    with pytest.raises(ValueError, match=r"unknown prior checkpoint description field\(s\) \['halflife'\]"):
+        load_diffusion_prior(tmp_path / "unknown.ckpt")

@@ -41,7 +41,7 @@ def _images(b=5, c=2, n=12, seed=0):
 @pytest.mark.parametrize("patch_size", [1, 4, 7, 20])
 def test_patch_and_positions_match_canvas(normalization, patch_size):
     n, m = 12, 4
-    conv = PositionalConvention(canvas_size=n, pad_width=m, normalization=normalization)
+    conv = PositionalConvention(image_size=n, pad_width=m, normalization=normalization)
     images = _images(n=n)
     padded = torch.zeros(5, 2, n + 2 * m, n + 2 * m)
     padded[:, :, m : m + n, m : m + n] = images
@@ -58,7 +58,7 @@ def test_patch_and_positions_match_canvas(normalization, patch_size):
 
 
 def test_canvas_endpoints_and_axes():
-    conv = PositionalConvention(canvas_size=8, pad_width=3)
+    conv = PositionalConvention(image_size=8, pad_width=3)
     g = canvas_positional_channels(conv, dtype=torch.float64)
     assert g.shape == (2, 14, 14)
     # centre of the first padded pixel -> -1, of the last -> +1; x varies along the width, y along the height
@@ -69,7 +69,7 @@ def test_canvas_endpoints_and_axes():
 
 
 def test_positional_channels_int_and_tensor_positions():
-    conv = PositionalConvention(canvas_size=10, pad_width=2)
+    conv = PositionalConvention(image_size=10, pad_width=2)
     a = positional_channels(conv, 3, 5, 4, batch=2)
     b = positional_channels(conv, torch.tensor([3, 3]), torch.tensor([5, 5]), 4)
     assert a.shape == (2, 2, 4, 4) and torch.equal(a, b)
@@ -80,7 +80,7 @@ def test_positional_channels_int_and_tensor_positions():
 
 
 def test_determinism_with_same_generator():
-    conv = PositionalConvention(canvas_size=12, pad_width=4)
+    conv = PositionalConvention(image_size=12, pad_width=4)
     images = _images()
     a = sample_patches(images, conv, 6, torch.Generator().manual_seed(11))
     b = sample_patches(images, conv, 6, torch.Generator().manual_seed(11))
@@ -91,7 +91,7 @@ def test_determinism_with_same_generator():
 
 
 def test_positions_cover_the_padded_canvas_uniformly():
-    conv = PositionalConvention(canvas_size=4, pad_width=1)  # R = 6, p = 3 -> 4 positions per axis
+    conv = PositionalConvention(image_size=4, pad_width=1)  # R = 6, p = 3 -> 4 positions per axis
     images = torch.zeros(4000, 1, 4, 4)
     _, _, (top, left) = sample_patches(images, conv, 3, torch.Generator().manual_seed(0))
     counts = torch.bincount(top * 4 + left, minlength=16).double()
@@ -100,7 +100,7 @@ def test_positions_cover_the_padded_canvas_uniformly():
 
 
 def test_full_padded_image_variant():
-    conv = PositionalConvention(canvas_size=16, pad_width=4)
+    conv = PositionalConvention(image_size=16, pad_width=4)
     sizes = patch_diffusion_sizes(conv)
     assert sizes == (6, 12, 24)
     images = _images(b=3, c=1, n=16)
@@ -111,18 +111,18 @@ def test_full_padded_image_variant():
 
 
 def test_errors():
-    conv = PositionalConvention(canvas_size=12, pad_width=4)
+    conv = PositionalConvention(image_size=12, pad_width=4)
     g = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match="larger than the padded canvas"):
         sample_patches(_images(), conv, 21, g)
-    with pytest.raises(ValueError, match="canvas_size is 12"):
+    with pytest.raises(ValueError, match="image_size is 12"):
         sample_patches(_images(n=10), conv, 4, g)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         sample_patches(torch.zeros(1, 12, 12), conv, 4, g)
     with pytest.raises(ValueError):
-        PositionalConvention(canvas_size=12, pad_width=-1)
+        PositionalConvention(image_size=12, pad_width=-1)
     with pytest.raises(ValueError, match="normalization"):
-        PositionalConvention(canvas_size=12, pad_width=1, normalization="pixels")
+        PositionalConvention(image_size=12, pad_width=1, normalization="pixels")
 
 
 def test_probabilities_follow_real_p():
@@ -173,25 +173,25 @@ def test_batch_multipliers():
 
 
 def test_convention_mismatch_names_pad_width():
-    train = PositionalConvention(canvas_size=256, pad_width=64)
-    infer = PositionalConvention(canvas_size=256, pad_width=24)
+    train = PositionalConvention(image_size=256, pad_width=64)
+    infer = PositionalConvention(image_size=256, pad_width=24)
     with pytest.raises(ValueError, match="pad_width") as e:
         train.assert_compatible(infer)
-    assert "canvas_size" not in str(e.value)
+    assert "image_size" not in str(e.value)
     with pytest.raises(ValueError) as e:
         train.assert_compatible(PositionalConvention(128, 24, "image"))
-    assert all(name in str(e.value) for name in ("canvas_size", "pad_width", "normalization"))
+    assert all(name in str(e.value) for name in ("image_size", "pad_width", "normalization"))
     train.assert_compatible(PositionalConvention(256, 64))
     train.assert_compatible(train.to_dict())
 
 
 def test_round_trip_dict():
-    conv = PositionalConvention(canvas_size=256, pad_width=24, normalization="image")
+    conv = PositionalConvention(image_size=256, pad_width=24, normalization="image")
     d = conv.to_dict()
-    assert d == {"canvas_size": 256, "pad_width": 24, "normalization": "image"}
+    assert d == {"image_size": 256, "pad_width": 24, "normalization": "image"}
     assert PositionalConvention.from_dict(d) == conv
     assert conv.padded_size == 304
     with pytest.raises(ValueError, match="unknown"):
         PositionalConvention.from_dict({**d, "extra": 1})
     with pytest.raises(ValueError, match="lacks"):
-        PositionalConvention.from_dict({"canvas_size": 256})
+        PositionalConvention.from_dict({"image_size": 256})

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from diffinv_pl.data.evaluation import EvaluationDataModule
 from diffinv_pl.data.phantoms import CTPhantomDataset
 from diffinv_pl.metrics.image import ImageMetrics
 from diffinv_pl.operators import build_operator
@@ -25,23 +26,30 @@ from diffinv_pl.tasks.reconstruction import ReconstructionTask
 
 
 def _trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
-                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, **kwargs)
+    options = dict(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
+                   enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    return L.Trainer(**{**options, **kwargs})
 
 
-def _task(out: Path, batch_size: int, **kwargs) -> ReconstructionTask:
+def _task(out: Path, **kwargs) -> ReconstructionTask:
     defaults = dict(
         solver=partial(tv_least_squares, lam=0.02, num_iterations=200),
         operator=build_operator("inpainting_random", image_size=32, channels=1, drop_range=(0.3, 0.7), input_range=(0.0, 1.0)),
-        dataset=CTPhantomDataset(5, seed=0, size=32),
-        trainer=_trainer(),
         metrics=ImageMetrics(),
         output_dir=out,
         sigma_y=0.05,
-        batch_size=batch_size,
         settings={"test": "inpainting"},
+        solver_progress=False,
     )
     return ReconstructionTask(**{**defaults, **kwargs})
+
+
+def _run(out: Path, batch_size: int, dataset=None, trainer: L.Trainer | None = None, **kwargs) -> dict:
+    """trainer.test of a ReconstructionTask on an EvaluationDataModule; returns the task's aggregate summary."""
+    task = _task(out, **kwargs)
+    data = EvaluationDataModule(dataset if dataset is not None else CTPhantomDataset(5, seed=0, size=32), batch_size)
+    (trainer or _trainer()).test(task, datamodule=data, verbose=False)
+    return task.summary
 
 
 def _recons(out: Path) -> dict[str, np.ndarray]:
@@ -51,13 +59,13 @@ def _recons(out: Path) -> dict[str, np.ndarray]:
 def test_results_do_not_depend_on_batch_size_and_outputs_are_complete(tmp_path):
     """Masks and measurement noise come from per-key generators: batch 1 and batch 3 give identical results."""
     a, b = tmp_path / "a", tmp_path / "b"
-    summary_a = _task(a, batch_size=1).run()
-    summary_b = _task(b, batch_size=3).run()
+    summary_a = _run(a, batch_size=1)
+    summary_b = _run(b, batch_size=3)
     ra, rb = _recons(a), _recons(b)
     assert list(ra) == [f"phantom_{i:05d}" for i in range(5)]
     for key in ra:
         assert np.array_equal(ra[key], rb[key])
-    assert summary_a[0]["psnr"] == pytest.approx(summary_b[0]["psnr"], abs=1e-9)
+    assert summary_a["psnr"] == pytest.approx(summary_b["psnr"], abs=1e-9)
     files = {p.name for p in (a / "samples" / "phantom_00000").iterdir()}
     assert {"recon.png", "target.png", "measurement.png", "recon.npy", "target.npy"} <= files
     rows = [json.loads(p.read_text()) for p in (a / "rows").glob("*.json")]
@@ -72,28 +80,30 @@ def test_results_do_not_depend_on_batch_size_and_outputs_are_complete(tmp_path):
 
 def test_rerun_skips_finished_samples_and_refuses_other_settings(tmp_path):
     out = tmp_path / "run"
-    _task(out, batch_size=2).run()
+    _run(out, batch_size=2)
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")}
-    task = _task(out, batch_size=2)
-    assert len(task.dataloader(0, 1).dataset) == 0  # nothing left to solve
-    task.run()
+    data = EvaluationDataModule(CTPhantomDataset(5, seed=0, size=32), 2)
+    assert data.rank_share(1, 2) == [1, 3]  # the exact rank share
+    assert len(_task(out).finished_keys()) == 5  # nothing left to solve
+    summary = _run(out, batch_size=2)
+    assert summary["num_samples"] == 5  # the aggregate covers the rows of the first run
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")}
     with pytest.raises(ValueError, match="different configuration"):
-        _task(out, batch_size=2, settings={"test": "other"})
+        _task(out, settings={"test": "other"})
 
 
 def test_bad_inputs_fail_before_solving(tmp_path):
     with pytest.raises(ValueError, match="operator expects"):
-        _task(tmp_path / "x", batch_size=1, dataset=CTPhantomDataset(2, seed=0, size=16))
-    with pytest.raises(ValueError, match="use_distributed_sampler=false"):
-        t = _task(tmp_path / "y", batch_size=1, trainer=L.Trainer(accelerator="cpu", devices=1, logger=False))
-        t.run()
+        _run(tmp_path / "x", batch_size=1, dataset=CTPhantomDataset(2, seed=0, size=16))
+    with pytest.raises(ValueError, match="inference_mode=False"):
+        _run(tmp_path / "y", batch_size=1, trainer=_trainer(inference_mode=True))
+    assert not (tmp_path / "x" / "rows").exists() and not (tmp_path / "y" / "rows").exists()
     with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):  # before any solving
-        _task(tmp_path / "z", batch_size=1, metrics=ImageMetrics(lpips="alex", weights_dir=tmp_path))
+        _task(tmp_path / "z", metrics=ImageMetrics(lpips="alex", weights_dir=tmp_path))
 
 
 ARGS = ["experiment=ct_baselines", "data.num_images=6", "data.size=32", "operator.image_size=32",
-        "+operator.num_detectors=48", "solver.num_iterations=400", "task.batch_size=1", "hydra.run.dir={out}/hydra"]
+        "+operator.num_detectors=48", "solver.num_iterations=400", "datamodule.batch_size=1", "hydra.run.dir={out}/hydra"]
 
 
 def _cli(out: Path, *extra: str, wait: bool = True):
@@ -154,5 +164,28 @@ def test_fid_covers_every_saved_reconstruction(tmp_path):
             return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3))], 1).double()
 
     metrics = ImageMetrics(fid=True, fid_feature=MeanStd(), fid_feature_name="mean-std")
-    summary = _task(tmp_path / "fid", batch_size=2, metrics=metrics).run()[0]
+    summary = _run(tmp_path / "fid", batch_size=2, metrics=metrics)
     assert summary["fid"] > 0 and summary["num_samples"] == 5
+
+
+def test_reconstruction_task_is_a_lightning_module_logging_through_any_logger(tmp_path):
+    """trainer.test(ReconstructionTask(...), datamodule=...) from Python; the CSV logger gets per-batch and per-epoch
+    PSNR/SSIM equal to the per-sample rows, and the aggregate over all rows."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    out = tmp_path / "csv"
+    task = _task(out)
+    assert isinstance(task, L.LightningModule)
+    logger = CSVLogger(tmp_path / "logs", name="eval")
+    results = _trainer(logger=logger).test(task, datamodule=EvaluationDataModule(CTPhantomDataset(3, seed=0, size=32), 1))
+    rows = {json.loads(p.read_text())["key"]: json.loads(p.read_text()) for p in (out / "rows").glob("*.json")}
+    logged = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    for name in ("psnr", "ssim"):
+        steps = [float(r[f"{name}_step"]) for r in logged if r.get(f"{name}_step")]
+        expected = [rows[f"phantom_{i:05d}"][name] for i in range(3)]  # batch size 1: one sample per step, in order
+        assert steps == pytest.approx(expected, rel=1e-6)
+        (epoch,) = [float(r[f"{name}_epoch"]) for r in logged if r.get(f"{name}_epoch")]
+        assert epoch == pytest.approx(np.mean(expected), rel=1e-6)
+        assert results[0][f"results/{name}"] == pytest.approx(np.mean(expected), rel=1e-6)

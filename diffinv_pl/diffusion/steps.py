@@ -8,9 +8,14 @@ is, after dividing by sqrt(abar'), the step
 with eps_hat = (x - x0_hat) / sigma. eta = 1 is the DDPM ancestral step (its posterior variance beta_tilde equals c^2),
 eta = 0 is deterministic DDIM (the probability-flow Euler step in sigma), and with s = 1 it is k-diffusion's
 Euler-ancestral step on an EDM grid.
+
+The probability-flow ODE steps (EDM's Euler and Heun, Karras et al. 2022 Algorithm 1) are here too: training-time
+sample grids and DAPS's inner ODE solve use them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -58,3 +63,33 @@ def ddim_step(
         noise = randn(x.shape, generator, x.dtype, x.device)
         out = out.add_(noise, alpha=float(sigma_up))
     return out
+
+
+def ode_derivative(x: Tensor, denoised: Tensor, sigma: Tensor | float) -> Tensor:
+    """dx/dsigma of the probability-flow ODE in the VE form (Karras et al. 2022, Eq. 3 with s = 1):
+    d = (x - D(x, sigma)) / sigma."""
+    return (x - denoised) / sigma
+
+
+def euler_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """One Euler step of the probability-flow ODE from sigma to sigma_next: x + (sigma_next - sigma) d(x, sigma).
+    Equal to the deterministic DDIM step (eta = 0)."""
+    return x + (sigma_next - sigma) * ode_derivative(x, denoised, sigma)
+
+
+def heun_step(
+    x: Tensor, denoised: Tensor, sigma: float, sigma_next: float, denoise: Callable[[Tensor, float], Tensor]
+) -> tuple[Tensor, int]:
+    """One step of EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1, lines 5-8).
+
+    The Euler step to sigma_next is corrected with the average of the slopes at both ends,
+    x' = x + (sigma_next - sigma) (d(x, sigma) + d(x_euler, sigma_next)) / 2, except for the last step to
+    sigma_next = 0, which stays an Euler step. ``denoise(x, sigma)`` evaluates the denoiser at the Euler point.
+    Returns the new state and the number of extra denoiser calls (0 or 1).
+    """
+    d = ode_derivative(x, denoised, sigma)
+    x_euler = x + (sigma_next - sigma) * d
+    if sigma_next <= 0:
+        return x_euler, 0
+    d_next = ode_derivative(x_euler, denoise(x_euler, sigma_next), sigma_next)
+    return x + (sigma_next - sigma) * 0.5 * (d + d_next), 1

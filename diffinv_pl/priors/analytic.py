@@ -26,6 +26,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from diffinv_pl.priors.base import Prior
+from diffinv_pl.utils.random import GeneratorLike
+
 EigenFn = Callable[[Tensor], Tensor]
 
 
@@ -117,7 +120,7 @@ def _as_problem_batch(t: Tensor, event_ndim: int, name: str) -> Tensor:
 
 
 @dataclass(frozen=True)
-class GaussianMixture:
+class GaussianMixture(Prior):
     """Gaussian-mixture prior with exact noisy marginals, scores, Tweedie means, covariances and posteriors.
 
     Attributes:
@@ -125,7 +128,8 @@ class GaussianMixture:
         means: (P, K, d).
         cov: :class:`SpectralCovariance` with Kc in {1, K}.
 
-    Calling the mixture is the denoiser interface ``D(x, sigma) = E[x0 | x0 + sigma n = x]``.
+    It is a :class:`~diffinv_pl.priors.base.Prior` on flat vectors (state = data, no data range); calling the mixture
+    is its denoiser ``D(x, sigma) = E[x0 | x0 + sigma n = x]``.
     """
 
     log_weights: Tensor
@@ -299,8 +303,8 @@ class GaussianMixture:
         c, lin = self._mix_affine(torch.reciprocal, torch.softmax(log_joint, -1), proj, eig, -torch.ones_like(s2))
         return (c * xf + lin).reshape(x.shape)
 
-    def denoise(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        """Tweedie mean E[x0 | x] = x + sigma^2 grad log p_sigma(x) = sum_k r_k m_k(x)."""
+    def denoise(self, x: Tensor, sigma: Tensor | float, *, generator: GeneratorLike = None) -> Tensor:
+        """Tweedie mean E[x0 | x] = x + sigma^2 grad log p_sigma(x) = sum_k r_k m_k(x) (exact: ``generator`` unused)."""
         xf = self._flatten(x)
         s2 = self._sigma2(sigma, x, xf, allow_zero=False)
         log_joint, proj, eig = self._log_joint(xf, s2)
@@ -308,6 +312,10 @@ class GaussianMixture:
         return torch.addcmul(lin, xf, 1.0 + c).reshape(x.shape)
 
     __call__ = denoise
+
+    def check_data_shape(self, data_shape: tuple[int, ...]) -> None:
+        if tuple(data_shape) != (self.dim,):
+            raise ValueError(f"this Gaussian mixture is a prior on vectors of shape ({self.dim},), got data of shape {tuple(data_shape)}")
 
     def component_means(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """m_k(x) = mu_k + Sigma_k (Sigma_k + sigma^2 I)^-1 (x - mu_k), shape x.shape[:-1] + (K, d)."""
@@ -360,11 +368,33 @@ class GaussianMixture:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         return self.cov_matvec(x, sigma, v) / sigma.expand(x.shape[:-1])[..., None] ** 2
 
-    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Exact samples, shape (P, num_samples, d) (P = 1 included): draw k ~ w, then mu_k + Sigma_k^{1/2} n."""
+    def sample(self, num_samples: int, generator: GeneratorLike = None) -> Tensor:
+        """Exact samples, shape (P, num_samples, d) (P = 1 included): draw k ~ w, then mu_k + Sigma_k^{1/2} n.
+
+        ``generator`` is one ``torch.Generator`` (or None) for all rows, or a sequence with one generator per problem
+        row: row p then draws its components and its noise from generator p alone, so it does not depend on the other
+        rows. A single mixture (P = 1) with Q generators gives Q independent rows, shape (Q, num_samples, d).
+        """
         P, K, d = self.means.shape
-        comp = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)  # (P, n)
-        noise = torch.randn(P, num_samples, d, generator=generator, dtype=self.means.dtype).to(self.means.device)
+        if generator is None or isinstance(generator, torch.Generator):
+            comp = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)  # (P, n)
+            noise = torch.randn(P, num_samples, d, generator=generator, dtype=self.means.dtype).to(self.means.device)
+        else:
+            generators = list(generator)
+            if P not in (1, len(generators)):
+                raise ValueError(f"{len(generators)} generators for a mixture batched over {P} problems: need one per problem")
+            if P == 1 and len(generators) != 1:
+                return self._expand(len(generators)).sample(num_samples, generators)
+            weights = self.weights
+            rows = [
+                (
+                    torch.multinomial(weights[p].to(g.device), num_samples, replacement=True, generator=g),
+                    torch.randn(num_samples, d, generator=g, dtype=self.means.dtype, device=g.device),
+                )
+                for p, g in enumerate(generators)
+            ]
+            comp = torch.stack([c for c, _ in rows]).to(self.means.device)
+            noise = torch.stack([n for _, n in rows]).to(self.means.device)
         if self.cov.shared:
             colored = self.cov.matmul(torch.sqrt, noise.transpose(1, 2)[:, None])[:, 0].transpose(1, 2)
         else:

@@ -4,7 +4,7 @@ Pure torch, no network code (methods.md §3.2, §3.8).
 
 Geometry
 --------
-An image of side ``N = convention.canvas_size`` (the *unpadded* image side) is zero-padded by ``M =
+An image of side ``N = convention.image_size`` (the *unpadded* image side) is zero-padded by ``M =
 convention.pad_width`` on every side, giving the padded canvas of side ``R = convention.padded_size = N + 2M``.
 Canvas pixel indices ``(i, j)`` run over ``0 .. R-1``; ``i`` is the row (axis -2, height), ``j`` the column (axis -1,
 width); image pixel ``(r, c)`` sits at canvas pixel ``(r + M, c + M)``.
@@ -63,18 +63,18 @@ PADIS_PATCH_SIZES = (16, 32, 64)
 class PositionalConvention:
     """How positional channels are computed; stored with a checkpoint and checked at inference (module docstring).
 
-    ``canvas_size``: side N of the (square) *unpadded* image; ``pad_width``: zero pad M on every side; the padded
+    ``image_size``: side N of the (square) *unpadded* image; ``pad_width``: zero pad M on every side; the padded
     canvas has side ``padded_size = N + 2M``; ``normalization``: "canvas" (PaDIS: canvas pixel centre 0 -> -1,
     R-1 -> +1) or "image" (image pixel centre 0 -> -1, N-1 -> +1).
     """
 
-    canvas_size: int
+    image_size: int
     pad_width: int
     normalization: str = "canvas"
 
     def __post_init__(self):
-        if not isinstance(self.canvas_size, int) or isinstance(self.canvas_size, bool) or self.canvas_size < 2:
-            raise ValueError(f"canvas_size must be an int >= 2, got {self.canvas_size!r}")
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size < 2:
+            raise ValueError(f"image_size must be an int >= 2, got {self.image_size!r}")
         if not isinstance(self.pad_width, int) or isinstance(self.pad_width, bool) or self.pad_width < 0:
             raise ValueError(f"pad_width must be an int >= 0, got {self.pad_width!r}")
         if self.normalization not in NORMALIZATIONS:
@@ -82,7 +82,7 @@ class PositionalConvention:
 
     @property
     def padded_size(self) -> int:
-        return self.canvas_size + 2 * self.pad_width
+        return self.image_size + 2 * self.pad_width
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,7 +96,7 @@ class PositionalConvention:
         missing = sorted(f.name for f in fields(cls) if f.name not in d and f.name != "normalization")
         if missing:
             raise ValueError(f"PositionalConvention dict lacks field(s) {missing}")
-        return cls(**{k: (int(v) if k in ("canvas_size", "pad_width") else v) for k, v in d.items()})
+        return cls(**{k: (int(v) if k in ("image_size", "pad_width") else v) for k, v in d.items()})
 
     def assert_compatible(self, other: PositionalConvention | Mapping) -> None:
         """Raise ValueError naming every field where ``other`` differs (e.g. training pad 64 vs sampling pad 24)."""
@@ -116,7 +116,7 @@ class PositionalConvention:
         """Normalised coordinate of canvas pixel index ``index`` (0 .. R-1) along either axis."""
         if self.normalization == "canvas":
             return (index / (self.padded_size - 1) - 0.5) * 2.0
-        return ((index - self.pad_width) / (self.canvas_size - 1) - 0.5) * 2.0
+        return ((index - self.pad_width) / (self.image_size - 1) - 0.5) * 2.0
 
 
 def positional_channels(
@@ -299,7 +299,7 @@ def _check_patch(convention: PositionalConvention, patch_size: int) -> None:
     if patch_size > convention.padded_size:
         raise ValueError(
             f"patch_size {patch_size} is larger than the padded canvas {convention.padded_size} "
-            f"(canvas_size {convention.canvas_size} + 2 * pad_width {convention.pad_width})"
+            f"(image_size {convention.image_size} + 2 * pad_width {convention.pad_width})"
         )
 
 
@@ -307,10 +307,10 @@ def _check_images(images: Tensor, convention: PositionalConvention) -> None:
     if not isinstance(images, Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
-    n = convention.canvas_size
+    n = convention.image_size
     if images.shape[-2:] != (n, n):
         raise ValueError(
-            f"images are {images.shape[-2]}x{images.shape[-1]} but the positional convention's canvas_size is {n}"
+            f"images are {images.shape[-2]}x{images.shape[-1]} but the positional convention's image_size is {n}"
         )
 
 
@@ -355,7 +355,7 @@ class PatchTraining:
     @classmethod
     def build(
         cls,
-        canvas_size: int,
+        image_size: int,
         pad_width: int,
         normalization: str = "canvas",
         patch_sizes: Sequence[int] | str = PADIS_PATCH_SIZES,
@@ -366,7 +366,7 @@ class PatchTraining:
         """From config values: ``patch_sizes`` a list or ``"patch_diffusion"`` ((R//4, R//2, R), the largest patch
         the whole padded canvas); ``multipliers`` None uses the upstream table (:func:`batch_multipliers`), divided
         by the full canvas's entry for ``"patch_diffusion"`` as Patch-Diffusion does (e.g. 8/2/1 for R = 256)."""
-        convention = PositionalConvention(int(canvas_size), int(pad_width), normalization)
+        convention = PositionalConvention(int(image_size), int(pad_width), normalization)
         if isinstance(patch_sizes, str):
             if patch_sizes != "patch_diffusion":
                 raise ValueError(f"patch_sizes must be a list of ints or 'patch_diffusion', got {patch_sizes!r}")

@@ -1,17 +1,28 @@
 """The solver contract: one call signature for every posterior sampler.
 
-    result = solver(problem, denoiser, x_init, *, generator=..., callback=None, **hyperparameters)
+    result = solver(problem, prior, *, generator=None, callback=None, x_init=None, **hyperparameters)
 
-* ``problem``: :class:`InverseProblem` (measurement ``y``, forward operator, noise level ``sigma_y``), validated once.
-* ``denoiser``: any ``D(x, sigma) -> E[x0 | x]`` (learned network behind a preconditioning wrapper, or an analytic
-  prior).
-* ``x_init``: the initial state at the first grid point (see :meth:`SamplingGrid.initial_state`); its leading
-  dimensions are the batch, and they must broadcast with ``y`` through the operator.
-* ``generator``: the only source of randomness (no global seeds).
-* ``callback``: called after every step with a dict ``{"step", "sigma", "x", "denoised"}`` (k-diffusion style).
-* hyperparameters (the sampling grid included) are keyword arguments, bound from config with ``functools.partial``.
+* ``problem``: :class:`InverseProblem` (measurement ``y``, forward operator, noise level ``sigma_y`` and the batch
+  shape of the solver state), validated once.
+* ``prior``: a :class:`~diffinv_pl.priors.base.Prior` (analytic, whole-image network, patch-assembled, range-adapted,
+  later latent); solvers call ``prior.denoise(x, sigma, generator=generator)`` and nothing else of a network.
+  Classical solvers accept ``None``. Its state space may differ from the operator's input space (a latent): the
+  operator always works on ``prior.decode(state)``.
+* ``generator``: the only source of randomness (no global seeds): one ``torch.Generator`` or one per row of the
+  leading batch dimension (see :mod:`diffinv_pl.utils.random`); the solver passes it on to the prior.
+* ``x_init``: optional initial state. Without it the solver draws its own start from ``generator`` (diffusion
+  solvers: ``prior.initial_state`` with the grid's ``init_std``, see :func:`initial_state`); classical solvers
+  document what they start from.
+* ``callback``: called after every step with a dict (k-diffusion style). Every solver gives ``"step"`` (int,
+  0, 1, 2, ...) and ``"x"`` (the state after the step); diffusion solvers add ``"sigma"`` (the noise level the step
+  started from) and ``"denoised"`` (the prior's estimate of x0 at that step); solvers may add more (DPS:
+  ``"residual"``).
+* hyperparameters (the sampling grid included) are keyword arguments, bound from config with ``functools.partial``;
+  bad values raise ``ValueError`` before any denoiser or operator call.
 
-It returns :class:`SolverResult`: the samples plus :class:`SolverCost` counters.
+It returns :class:`SolverResult`: the samples, in data (pixel) space with shape ``problem.batch_shape +
+operator.in_shape``, plus :class:`SolverCost` counters. A NaN/Inf state raises ``FloatingPointError`` naming the step.
+Every entry of :data:`diffinv_pl.solvers.SOLVERS` is checked against this contract by ``tests/test_solver_contract.py``.
 """
 
 from __future__ import annotations
@@ -25,8 +36,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from diffinv_pl.diffusion.preconditioning import Denoiser
 from diffinv_pl.operators.base import ForwardOperator
+from diffinv_pl.priors.base import Prior
 from diffinv_pl.utils.random import GeneratorLike
 
 Callback = Callable[[dict[str, Any]], None]
@@ -34,31 +45,71 @@ Callback = Callable[[dict[str, Any]], None]
 
 @dataclass
 class InverseProblem:
-    """y = A(x) + sigma_y n. ``sigma_y`` is a float or a tensor broadcastable to y's batch dimensions."""
+    """y = A(x) + sigma_y n. ``sigma_y`` is a float or a tensor broadcastable to y's batch dimensions.
+
+    ``batch_shape`` is the batch shape of the solver state (default: y's batch shape, one state per measurement); it
+    must broadcast with y's batch shape, e.g. ``(P, n)`` states for measurements of batch shape ``(P, 1)`` (n posterior
+    samples per measurement).
+    """
 
     y: Tensor
     operator: ForwardOperator
     sigma_y: float | Tensor
+    batch_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.operator.check_measurement(self.y)
         sigma_y = torch.as_tensor(self.sigma_y)
         if not bool(torch.isfinite(sigma_y).all()) or bool((sigma_y < 0).any()):
             raise ValueError(f"sigma_y must be finite and >= 0, got {self.sigma_y}")
+        y_batch = tuple(self.y.shape[: self.y.ndim - len(self.operator.out_shape)])
+        self.batch_shape = y_batch if self.batch_shape is None else tuple(int(b) for b in self.batch_shape)
+        self._check_batch(self.batch_shape, "state batch_shape")
 
-    def check_state(self, x: Tensor) -> None:
-        """Raise if a solver state of this shape does not fit the operator or broadcast with y."""
-        self.operator.check_input(x)
-        n_in, n_out = len(self.operator.in_shape), len(self.operator.out_shape)
-        batch_x, batch_y = x.shape[: x.ndim - n_in], self.y.shape[: self.y.ndim - n_out]
+    @property
+    def y_batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.y.shape[: self.y.ndim - len(self.operator.out_shape)])
+
+    def _check_batch(self, batch: tuple[int, ...], what: str) -> None:
         try:
-            torch.broadcast_shapes(batch_x, batch_y)
+            torch.broadcast_shapes(batch, self.y_batch_shape)
         except RuntimeError as err:
             raise ValueError(
-                f"solver state batch {tuple(batch_x)} does not broadcast with measurement batch {tuple(batch_y)}"
+                f"{what} {tuple(batch)} does not broadcast with the measurement batch {self.y_batch_shape}"
             ) from err
+
+    def check_state(self, x: Tensor, state_shape: tuple[int, ...] | None = None) -> None:
+        """Raise if a solver state does not have the event shape ``state_shape`` (default: the operator's input
+        shape; a latent prior's state shape otherwise), does not broadcast with y, or is not finite."""
+        data_shape = tuple(self.operator.in_shape)
+        shape = data_shape if state_shape is None else tuple(state_shape)
+        if shape == data_shape:
+            self.operator.check_input(x)
+        elif x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape) :]) != shape:
+            raise ValueError(f"the solver state must have shape (..., {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+        self._check_batch(tuple(x.shape[: x.ndim - len(shape)]), "solver state batch")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("initial state contains NaN or Inf values")
+
+
+def initial_state(
+    problem: InverseProblem,
+    prior: Prior,
+    std: float,
+    generator: GeneratorLike,
+    x_init: Tensor | None = None,
+) -> Tensor:
+    """The start of a diffusion solver: ``x_init`` if given (checked), otherwise ``std * N(0, I)`` in the prior's state
+    space with ``problem.batch_shape`` rows, drawn from ``generator``, in y's dtype (float32 for integer y) and
+    device. Also checks that the prior can work on the operator's input shape."""
+    data_shape = tuple(problem.operator.in_shape)
+    prior.check_data_shape(data_shape)
+    state_shape = prior.state_shape(data_shape)
+    if x_init is None:
+        dtype = problem.y.dtype if problem.y.is_floating_point() else torch.float32
+        x_init = prior.initial_state(problem.batch_shape, data_shape, std, generator, dtype, problem.y.device)
+    problem.check_state(x_init, state_shape)
+    return x_init
 
 
 @dataclass
@@ -84,24 +135,24 @@ class Solver(Protocol):
     def __call__(
         self,
         problem: InverseProblem,
-        denoiser: Denoiser,
-        x_init: Tensor,
+        prior: Prior | None,
         *,
         generator: GeneratorLike = None,
         callback: Callback | None = None,
+        x_init: Tensor | None = None,
     ) -> SolverResult: ...
 
 
 class CountingDenoiser:
-    """Wraps a denoiser and counts its calls (one call = one batched network evaluation)."""
+    """``D(x, sigma, generator=...)`` of a prior, counting its calls (one call = one batched network evaluation)."""
 
-    def __init__(self, denoiser: Denoiser) -> None:
-        self.denoiser = denoiser
+    def __init__(self, prior: Prior) -> None:
+        self.prior = prior
         self.calls = 0
 
-    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor | float, generator: GeneratorLike = None) -> Tensor:
         self.calls += 1
-        return self.denoiser(x, sigma)
+        return self.prior.denoise(x, sigma, generator=generator)
 
 
 @contextmanager
@@ -120,6 +171,7 @@ def cost_meter(problem: InverseProblem, denoiser: CountingDenoiser | None = None
 
 
 def check_finite(value: Tensor, what: str, step: int, sigma: float, hint: str) -> None:
-    """Raise FloatingPointError naming the step when a solver quantity becomes NaN/Inf."""
-    if not bool(torch.isfinite(value).all()):
+    """Raise FloatingPointError naming the step when a solver quantity becomes NaN/Inf (one float64 sum: a NaN or Inf
+    anywhere makes it non-finite)."""
+    if not bool(torch.isfinite(value.sum(dtype=torch.float64))):
         raise FloatingPointError(f"{what} became NaN/Inf at step {step} (sigma={sigma:.4g}); {hint}")

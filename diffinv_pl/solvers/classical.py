@@ -7,7 +7,9 @@
 
   with isotropic TV(x) = sum_pixels ||grad x||_2 (forward differences, per channel), solved by the primal-dual
   hybrid gradient method (Chambolle & Pock 2011) with K = (A, grad), step sizes tau = sigma = 0.99 / ||K||,
-  ||K||^2 <= ||A||^2 + 8 (||A|| by the operator's power method). Both ignore the denoiser: they are the baselines.
+  ||K||^2 <= ||A||^2 + 8 (||A|| by the operator's power method), started from zero (or from ``x_init``).
+
+Both ignore the prior (pass ``None``) and use no randomness: they are the baselines.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffinv_pl.diffusion.preconditioning import Denoiser
 from diffinv_pl.operators.base import LinearOperator
+from diffinv_pl.priors.base import Prior
 from diffinv_pl.solvers.base import Callback, InverseProblem, SolverResult, check_finite, cost_meter
 from diffinv_pl.utils.random import GeneratorLike
 
@@ -27,19 +29,26 @@ def _linear(problem: InverseProblem, solver: str) -> LinearOperator:
     return problem.operator
 
 
+def _output_dtype(problem: InverseProblem) -> torch.dtype:
+    return problem.y.dtype if problem.y.is_floating_point() else torch.float32
+
+
 def pseudo_inverse(
     problem: InverseProblem,
-    denoiser: Denoiser | None,
-    x_init: Tensor,
+    prior: Prior | None = None,
     *,
     generator: GeneratorLike = None,
     callback: Callback | None = None,
+    x_init: Tensor | None = None,
 ) -> SolverResult:
-    """x = A^+ y, broadcast to the shape of ``x_init`` (which only fixes the output shape)."""
+    """x = A^+ y, one row per entry of ``problem.batch_shape`` (no initial state: ``x_init`` is refused)."""
     op = _linear(problem, "pseudo_inverse")
-    problem.check_state(x_init)
+    if x_init is not None:
+        raise ValueError("pseudo_inverse has no initial state; do not pass x_init")
+    shape = (*problem.batch_shape, *op.in_shape)
     with cost_meter(problem) as cost:
-        x = op.pinv(problem.y).to(x_init.dtype).expand_as(x_init).clone()
+        x = op.pinv(problem.y).to(_output_dtype(problem)).expand(shape).clone()
+        check_finite(x, "pseudo-inverse", 0, 0.0, "check the operator and the measurement")
         if callback is not None:
             callback({"step": 0, "x": x})
     return SolverResult(x, cost)
@@ -70,27 +79,30 @@ def _div(q: Tensor) -> Tensor:
 
 def tv_least_squares(
     problem: InverseProblem,
-    denoiser: Denoiser | None,
-    x_init: Tensor,
+    prior: Prior | None = None,
     *,
     lam: float = 0.01,
     num_iterations: int = 300,
     box: bool = True,
     generator: GeneratorLike = None,
     callback: Callback | None = None,
+    x_init: Tensor | None = None,
 ) -> SolverResult:
-    """TV-regularised least squares by PDHG (module docstring), started from zero, for (..., C, H, W) images."""
+    """TV-regularised least squares by PDHG (module docstring) for (..., C, H, W) images, started from zero (one
+    image per entry of ``problem.batch_shape``) or from ``x_init``."""
     op = _linear(problem, "tv_least_squares")
-    if lam < 0 or num_iterations < 1:
+    if not lam >= 0 or num_iterations < 1:
         raise ValueError(f"need lam >= 0 and num_iterations >= 1, got lam={lam}, num_iterations={num_iterations}")
     if len(op.in_shape) != 3:
         raise ValueError(f"TV needs image inputs (C, H, W), the operator takes {op.in_shape}")
+    if x_init is None:
+        x_init = torch.zeros((*problem.batch_shape, *op.in_shape), dtype=_output_dtype(problem), device=problem.y.device)
     problem.check_state(x_init)
     lo, hi = op.input_range if (box and op.input_range is not None) else (None, None)
     with cost_meter(problem) as cost, torch.no_grad():
         step = 0.99 / (op.norm() ** 2 + 8.0) ** 0.5
         y = problem.y.to(x_init.dtype)
-        x = torch.zeros_like(x_init)
+        x = x_init.clone()
         x_bar = x.clone()
         p = torch.zeros_like(op(x))
         q = torch.zeros_like(_grad(x))  # (..., C, 2, H, W)
@@ -99,11 +111,11 @@ def tv_least_squares(
             q = q + step * _grad(x_bar)
             q = q / (q.norm(dim=-3, keepdim=True) / max(lam, 1e-30)).clamp(min=1.0)  # project on ||q_pixel|| <= lam
             x_new = x - step * (op.adjoint(p) - _div(q))
+            check_finite(x_new, "TV iterate", i, 0.0, "check the operator norm and the measurement")
             if lo is not None:
                 x_new = x_new.clamp(lo, hi)
             x_bar = 2 * x_new - x
             x = x_new
             if callback is not None:
                 callback({"step": i, "x": x})
-        check_finite(x, "TV solution", num_iterations - 1, 0.0, "check the operator norm and the measurement")
     return SolverResult(x, cost)

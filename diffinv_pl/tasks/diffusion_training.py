@@ -7,8 +7,9 @@ affinely to ``model_range`` (default [-1, 1]) before training, and that pair is 
 
 Patch mode (``patch`` set, PaDIS §3.2): every step draws a patch size P, cuts m(P) random P x P patches per image from
 the zero-padded image and trains the network on them with two positional channels (x, y) that it receives
-unscaled. The :class:`PositionalConvention` (canvas size, padding, normalisation) is written into every checkpoint and
-checked when one is loaded (:mod:`diffinv_pl.priors.checkpoints`) or resumed.
+unscaled. The :class:`PositionalConvention` (canvas size, padding, normalisation) is part of the
+:class:`PriorCheckpointDescription` written into every checkpoint (:meth:`DiffusionTask.checkpoint_description`) and
+is checked when one is loaded (:mod:`diffinv_pl.priors.checkpoints`) or resumed.
 
 Determinism: sigma, noise, patch sizes and positions come from generators seeded by (seed, epoch, batch index,
 rank), and dropout runs under a forked global RNG seeded the same way, so a run resumed from a checkpoint repeats the
@@ -35,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,13 @@ from torch.optim.swa_utils import AveragedModel
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from diffinv_pl.diffusion.losses import build_objective, denoising_loss
-from diffinv_pl.diffusion.preconditioning import Denoiser
 from diffinv_pl.diffusion.schedules import edm_sigmas
+from diffinv_pl.diffusion.steps import heun_step
 from diffinv_pl.priors.analytic import GaussianMixture
-from diffinv_pl.priors.checkpoints import CHECKPOINT_FORMAT
-from diffinv_pl.priors.patch_denoiser import PatchAssembledDenoiser
+from diffinv_pl.priors.checkpoints import PriorCheckpointDescription, objective_sigma_range
+from diffinv_pl.priors.base import Prior
+from diffinv_pl.priors.network import NetworkPrior
+from diffinv_pl.priors.patch_denoiser import PatchAssembledPrior
 from diffinv_pl.priors.patches import PatchTraining, PositionalConvention
 from diffinv_pl.utils.io import save_png
 from diffinv_pl.utils.ranges import convert_range
@@ -77,7 +81,7 @@ class DiffusionTask(L.LightningModule):
         objective: ``edm`` | ``vp`` | ``ve``; ``objective_params`` its parameters (e.g. sigma_data, p_mean, p_std).
         image_channels: channels the network denoises (checked against the data at fit start); None for vectors.
         data_range, model_range: affine map applied to every batch (None: data used as is).
-        patch: None (whole images) or the arguments of :meth:`PatchTraining.build` (canvas_size, pad_width,
+        patch: None (whole images) or the arguments of :meth:`PatchTraining.build` (image_size, pad_width,
             normalization, patch_sizes, real_p, small_weights, multipliers).
         lr, betas, eps, weight_decay: Adam(W) parameters; warmup_steps: linear warm-up (0: none).
         ema_halflife_images: EMA half-life in training examples (images, or vectors), None disables the EMA;
@@ -172,12 +176,16 @@ class DiffusionTask(L.LightningModule):
         """The denoiser used for validation, sampling and export: the EMA copy when enabled."""
         return self.ema.module if self.ema is not None else self.denoiser
 
-    def whole_image_denoiser(self, generator: torch.Generator | None = None) -> Denoiser:
-        """D(x, sigma) on whole images: the EMA denoiser, assembled from patches in patch mode (random shifts)."""
+    def whole_image_prior(self) -> Prior:
+        """The whole-image prior (model range) of the EMA denoiser, assembled from patches in patch mode (random
+        shifts drawn from the generator given to ``denoise``)."""
         if self.patch is None:
-            return self.ema_denoiser
+            return NetworkPrior(self.ema_denoiser, self.model_range, self.hparams.image_channels)
         size = self.hparams.inference_patch_size or max(self.patch.probabilities)
-        return PatchAssembledDenoiser(self.ema_denoiser, self.patch.convention, int(size), generator)
+        return PatchAssembledPrior(
+            self.ema_denoiser, self.patch.convention, int(size), data_range=self.model_range,
+            image_channels=self.hparams.image_channels,
+        )
 
     def forward(self, x: Tensor, sigma: Tensor | float, **net_kwargs: Tensor) -> Tensor:
         return self.denoiser(x, sigma, **net_kwargs)
@@ -218,9 +226,9 @@ class DiffusionTask(L.LightningModule):
                 f"RGB = 3) or model.image_channels / model.net.image_channels to match"
             )
         size = getattr(dm, "image_size", None)
-        n = self.patch.convention.canvas_size if self.patch is not None else None
+        n = self.patch.convention.image_size if self.patch is not None else None
         if n is not None and size is not None and tuple(size) != (n, n):
-            raise ValueError(f"images are {tuple(size)} px but model.patch.canvas_size is {n}: make them equal")
+            raise ValueError(f"images are {tuple(size)} px but model.patch.image_size is {n}: make them equal")
 
     def _generators(self, stage: str, batch_idx: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
         """(CPU generator for sigma and patches, generator on ``device`` for the noise) of one step."""
@@ -330,12 +338,12 @@ class DiffusionTask(L.LightningModule):
     def psnr_gain(self, x0: Tensor, cpu_gen: torch.Generator, dev_gen: torch.Generator) -> dict[float, Tensor]:
         """Per sigma in ``val_sigmas`` (model units): mean over images of PSNR(D(x0 + s n), x0) - PSNR(x0 + s n, x0),
         PSNRs in dB on the data range (model range when no data range is set), outputs clamped to it."""
-        denoiser = self.whole_image_denoiser(cpu_gen)
+        prior = self.whole_image_prior()
         lo, hi = self.data_range or self.model_range or (float(x0.min()), float(x0.max()))
         gains = {}
         for s in self.hparams.val_sigmas:
             noisy = x0 + s * torch.randn(x0.shape, generator=dev_gen, device=x0.device, dtype=x0.dtype)
-            denoised = denoiser(noisy, torch.full((x0.shape[0],), s, device=x0.device, dtype=x0.dtype))
+            denoised = prior.denoise(noisy, torch.full((x0.shape[0],), s, device=x0.device, dtype=x0.dtype), generator=cpu_gen)
             gains[s] = (_psnr(self._to_data(denoised), self._to_data(x0), lo, hi) - _psnr(self._to_data(noisy), self._to_data(x0), lo, hi)).mean()
         return gains
 
@@ -376,17 +384,16 @@ class DiffusionTask(L.LightningModule):
         rho = 7 grid from ``sample_sigma_max`` to 0.002 with ``sample_steps`` levels, using the EMA model; ``image_size``
         is (H, W)."""
         gen = torch.Generator().manual_seed(seed)
-        denoiser = self.whole_image_denoiser(gen)
+        prior = self.whole_image_prior()
         sigmas = edm_sigmas(self.hparams.sample_steps, 0.002, self.hparams.sample_sigma_max).tolist() + [0.0]
         shape = (num_images, self.hparams.image_channels, *image_size)
         x = sigmas[0] * torch.randn(shape, generator=gen).to(self.device)
+
+        def denoise(z: Tensor, sigma: float) -> Tensor:
+            return prior.denoise(z, torch.full((num_images,), sigma, device=self.device), generator=gen)
+
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            d = (x - denoiser(x, torch.full((num_images,), s, device=self.device))) / s
-            x_next = x + (s_next - s) * d
-            if s_next > 0:
-                d_next = (x_next - denoiser(x_next, torch.full((num_images,), s_next, device=self.device))) / s_next
-                x_next = x + (s_next - s) * 0.5 * (d + d_next)
-            x = x_next
+            x, _ = heun_step(x, denoise(x, s), s, s_next, denoise)
         return self._to_data(x).float()
 
     def _save_sample_grid(self, samples: Tensor, path: Path) -> None:
@@ -402,32 +409,45 @@ class DiffusionTask(L.LightningModule):
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints
 
+    def checkpoint_description(self) -> PriorCheckpointDescription:
+        """What every checkpoint stores about this prior besides its weights (``checkpoint["diffinv_pl"]``): the
+        network config, the objective with all its parameters, channels, ranges, positional convention, inference
+        patch size (the largest training patch unless ``inference_patch_size`` is set), whether the inference weights
+        are the EMA, and the sigma range derived from the objective."""
+        size = None
+        if self.patch is not None:
+            size = int(self.hparams.inference_patch_size or max(self.patch.probabilities))
+        return PriorCheckpointDescription(
+            net=self.hparams.net,
+            objective=self.hparams.objective,
+            objective_params=asdict(self.objective),
+            image_channels=self.hparams.image_channels,
+            data_range=self.data_range,
+            model_range=self.model_range,
+            positional_convention=self.convention,
+            inference_patch_size=size,
+            ema=self.ema is not None,
+            sigma_range=objective_sigma_range(self.objective),
+        )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["diffinv_pl"] = {
-            "format": CHECKPOINT_FORMAT,
-            "positional_convention": self.convention.to_dict() if self.convention is not None else None,
-            "image_channels": self.hparams.image_channels,
-            "data_range": self.data_range,
-            "model_range": self.model_range,
-            "objective": self.hparams.objective,
-        }
+        checkpoint["diffinv_pl"] = self.checkpoint_description().to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("diffinv_pl")
         if info is None:
             return
-        stored = info.get("positional_convention")
-        if (stored is None) != (self.convention is None):
+        stored = PriorCheckpointDescription.from_dict(info)
+        if (stored.positional_convention is None) != (self.convention is None):
             raise ValueError(
-                f"checkpoint was trained {'with' if stored else 'without'} patches but this run is "
-                f"{'patch' if self.convention else 'whole-image'} mode"
+                f"checkpoint was trained {'with' if stored.positional_convention else 'without'} patches but this run "
+                f"is {'patch' if self.convention else 'whole-image'} mode"
             )
-        if stored is not None:
-            self.convention.assert_compatible(stored)
-        if info.get("image_channels") != self.hparams.image_channels:
+        if stored.positional_convention is not None:
+            self.convention.assert_compatible(stored.positional_convention)
+        if stored.image_channels != self.hparams.image_channels:
             raise ValueError(
-                f"checkpoint has image_channels={info.get('image_channels')} but this run has "
-                f"{self.hparams.image_channels}"
+                f"checkpoint has image_channels={stored.image_channels} but this run has {self.hparams.image_channels}"
             )
 
 

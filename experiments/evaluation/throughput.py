@@ -22,8 +22,10 @@ from torch import nn
 
 from diffinv_pl.data.phantoms import CTPhantomDataset
 from diffinv_pl.diffusion import EDMPrecond, edm_grid
+from diffinv_pl.data.evaluation import EvaluationDataModule
 from diffinv_pl.metrics.image import ImageMetrics
 from diffinv_pl.operators import build_operator
+from diffinv_pl.priors.network import NetworkPrior
 from diffinv_pl.solvers import dps
 from diffinv_pl.tasks.reconstruction import ReconstructionTask
 
@@ -52,17 +54,16 @@ def run(out: Path, images: int, steps: int, batch_size: int, devices: int, width
         solver=partial(dps, grid=edm_grid(steps, sigma_min=0.01, sigma_max=10.0), zeta=0.05),
         operator=build_operator("gaussian_blur_circular", kernel_size=5, std=1.0, channels=1, image_size=32,
                                 input_range=(0.0, 1.0)),
-        dataset=CTPhantomDataset(images, seed=0, size=32),
-        trainer=trainer,
         metrics=ImageMetrics(),
-        denoiser=EDMPrecond(TinyConvNet(width=width)),
+        prior=NetworkPrior(EDMPrecond(TinyConvNet(width=width)), data_range=(0.0, 1.0), image_channels=1),
         output_dir=out,
         sigma_y=0.01,
-        batch_size=batch_size,
         settings={"benchmark": "throughput"},
+        solver_progress=False,
     )
+    data = EvaluationDataModule(CTPhantomDataset(images, seed=0, size=32), batch_size=batch_size)
     start = time.perf_counter()
-    task.run()
+    trainer.test(task, datamodule=data, verbose=False)
     return time.perf_counter() - start
 
 

@@ -46,7 +46,7 @@ def run_one(size: int, mode: str, batch: int, channels: list[int], blocks: int, 
     patch, m = None, 1
     if mode != "whole":
         m = PAPER_MULTIPLIER.get(p, 1) if mode == "patch_paper" else 1
-        patch = {"canvas_size": size, "pad_width": p, "patch_sizes": [p], "real_p": 1.0, "multipliers": {p: m}}
+        patch = {"image_size": size, "pad_width": p, "patch_sizes": [p], "real_p": 1.0, "multipliers": {p: m}}
     net = {
         "_target_": "diffinv_pl.priors.unet.UNetDenoiserNet",
         "image_channels": 1,
