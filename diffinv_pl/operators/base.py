@@ -156,9 +156,11 @@ class LinearOperator(ForwardOperator):
 
         Started from 0, CG stays in range(A^T) and so converges to the minimum-norm solution; it stops when the
         normal-equation residual falls below ``tol`` relative to ||A^T y||. Operators with a cheap exact inverse
-        (masks, FFT diagonalisable ones) or a better approximate one (FBP for CT) override this.
+        (masks, FFT diagonalisable ones) or a better approximate one (FBP for CT) override this. Every A and A^T
+        evaluation is counted in ``forward_calls`` / ``adjoint_calls`` (solver cost).
         """
         with torch.no_grad():
+            self.adjoint_calls += 1
             b = self._adjoint(y)
             x = torch.zeros_like(b)
             r = b.clone()
@@ -167,6 +169,8 @@ class LinearOperator(ForwardOperator):
             rs = (r * r).sum(dims, keepdim=True)
             target = tol**2 * rs.clamp(min=torch.finfo(b.dtype).tiny)
             for _ in range(num_iterations):
+                self.forward_calls += 1
+                self.adjoint_calls += 1
                 Ap = self._adjoint(self._forward(p))
                 alpha = rs / (p * Ap).sum(dims, keepdim=True).clamp(min=torch.finfo(b.dtype).tiny)
                 x = x + alpha * p

@@ -1,6 +1,6 @@
 """Posterior samplers on one contract (see :mod:`diffinv_pl.solvers.base`) and their registry."""
 
-from diffinv_pl.solvers.base import InverseProblem, Solver, SolverCost, SolverResult
+from diffinv_pl.solvers.base import InverseProblem, Solver, SolverCost, SolverResult, needs_prior
 from diffinv_pl.solvers.classical import pseudo_inverse, tv_least_squares
 from diffinv_pl.solvers.diffusion_posterior_sampling import dps
 from diffinv_pl.solvers.exact_oracle import oracle
@@ -29,6 +29,7 @@ __all__ = [
     "SolverResult",
     "dps",
     "get_solver",
+    "needs_prior",
     "oracle",
     "pseudo_inverse",
     "tv_least_squares",

@@ -92,6 +92,12 @@ class InverseProblem:
             raise ValueError("initial state contains NaN or Inf values")
 
 
+def needs_prior(solver: Callable[..., Any]) -> bool:
+    """Whether a solver (or a ``functools.partial`` of one) uses the prior: True unless the solver function sets
+    ``needs_prior = False`` (the classical baselines)."""
+    return bool(getattr(getattr(solver, "func", solver), "needs_prior", True))
+
+
 def initial_state(
     problem: InverseProblem,
     prior: Prior,

@@ -38,6 +38,8 @@ def exact_posterior_denoiser(problem: InverseProblem, prior: Prior) -> GaussianM
         raise TypeError(f"the oracle sampler needs a MatrixOperator, got {type(problem.operator).__name__}")
     # The closed form is computed in float64 and cast back to the sampling precision.
     A = problem.operator.matrix.to(torch.float64)
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError("oracle: the operator matrix contains NaN/Inf values; check how the operator was built")
     dy = A.shape[-2]
     y = problem.y.reshape(-1, dy).to(torch.float64)
     if y.shape[0] not in (1, problem.operator.num_problems):
