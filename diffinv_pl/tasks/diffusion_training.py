@@ -179,12 +179,12 @@ class DiffusionTask(L.LightningModule):
     def whole_image_prior(self) -> Prior:
         """The whole-image prior (model range) of the EMA denoiser, assembled from patches in patch mode (random
         shifts drawn from the generator given to ``denoise``)."""
+        sigma_range = objective_sigma_range(self.objective)
         if self.patch is None:
-            return NetworkPrior(self.ema_denoiser, self.model_range, self.hparams.image_channels)
-        size = self.hparams.inference_patch_size or max(self.patch.probabilities)
+            return NetworkPrior(self.ema_denoiser, self.model_range, self.hparams.image_channels, sigma_range)
         return PatchAssembledPrior(
-            self.ema_denoiser, self.patch.convention, int(size), data_range=self.model_range,
-            image_channels=self.hparams.image_channels,
+            self.ema_denoiser, self.patch.convention, self.checkpoint_description().inference_patch_size,
+            data_range=self.model_range, image_channels=self.hparams.image_channels, sigma_range=sigma_range,
         )
 
     def forward(self, x: Tensor, sigma: Tensor | float, **net_kwargs: Tensor) -> Tensor:
