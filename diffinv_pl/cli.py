@@ -1,5 +1,8 @@
 """Hydra entry points: ``python evaluate.py ...`` / ``python train.py ...`` (also ``diffinv-evaluate``/``diffinv-train``).
 
+A :class:`~diffinv_pl.errors.UserError` is printed as one line naming the fix, exit status 2 (``HYDRA_FULL_ERROR=1``
+shows the traceback).
+
 The configs live in ``conf/`` at the repository root; an editable install (``pip install -e .``) is assumed.
 """
 
@@ -11,6 +14,8 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffinv_pl.errors import report_user_errors
 
 CONFIG_PATH = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -73,6 +78,7 @@ def run_evaluation(cfg: DictConfig) -> list[dict]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+@report_user_errors
 def evaluate_main(cfg: DictConfig) -> None:
     _offline_defaults()
     if cfg.get("task") is not None and "command" in cfg.task:  # record how the results were produced
@@ -84,6 +90,7 @@ def evaluate_main(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@report_user_errors
 def train_main(cfg: DictConfig) -> None:
     _offline_defaults()
     from diffinv_pl.training import run_training

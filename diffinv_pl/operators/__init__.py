@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from diffinv_pl.errors import UserError
 from diffinv_pl.operators.base import ForwardOperator, LinearOperator
 from diffinv_pl.operators.matrix import MatrixOperator, random_svd_matrix
 
@@ -19,8 +20,17 @@ def _lazy(module: str, name: str, **defaults: Any) -> Callable[..., ForwardOpera
 
     def build(**kwargs: Any) -> ForwardOperator:
         import importlib
+        import inspect
 
         cls = getattr(importlib.import_module(f"diffinv_pl.operators.{module}"), name)
+        params = inspect.signature(cls).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(set(kwargs) - set(params))
+            if unknown:
+                raise UserError(
+                    f"operator {name} has no parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(params))} "
+                    "(check the operator.* overrides)"
+                )
         return cls(**{**defaults, **kwargs})
 
     return build
@@ -48,7 +58,7 @@ OPERATORS: dict[str, Callable[..., ForwardOperator]] = {
 def build_operator(name: str, **overrides: Any) -> ForwardOperator:
     """Registered operator by name; unknown names raise with the list of valid ones."""
     if name not in OPERATORS:
-        raise ValueError(f"unknown operator {name!r}; valid operators: {', '.join(sorted(OPERATORS))}")
+        raise UserError(f"unknown operator {name!r}; valid operators: {', '.join(sorted(OPERATORS))}")
     return OPERATORS[name](**overrides)
 
 

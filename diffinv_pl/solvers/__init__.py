@@ -1,6 +1,14 @@
 """Posterior samplers on one contract (see :mod:`diffinv_pl.solvers.base`) and their registry."""
 
-from diffinv_pl.solvers.base import InverseProblem, Solver, SolverCost, SolverResult, needs_prior
+from diffinv_pl.solvers.base import (
+    InverseProblem,
+    Solver,
+    SolverCost,
+    SolverResult,
+    check_solver_setup,
+    needs_linear_operator,
+    needs_prior,
+)
 from diffinv_pl.solvers.classical import pseudo_inverse, tv_least_squares
 from diffinv_pl.solvers.diffusion_posterior_sampling import dps
 from diffinv_pl.solvers.exact_oracle import oracle
@@ -28,7 +36,9 @@ __all__ = [
     "SolverCost",
     "SolverResult",
     "dps",
+    "check_solver_setup",
     "get_solver",
+    "needs_linear_operator",
     "needs_prior",
     "oracle",
     "pseudo_inverse",

@@ -27,6 +27,7 @@ Every entry of :data:`diffinv_pl.solvers.SOLVERS` is checked against this contra
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,7 +37,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from diffinv_pl.operators.base import ForwardOperator
+from diffinv_pl.errors import UserError
+from diffinv_pl.operators.base import ForwardOperator, LinearOperator
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.utils.random import GeneratorLike
 
@@ -96,6 +98,49 @@ def needs_prior(solver: Callable[..., Any]) -> bool:
     """Whether a solver (or a ``functools.partial`` of one) uses the prior: True unless the solver function sets
     ``needs_prior = False`` (the classical baselines)."""
     return bool(getattr(getattr(solver, "func", solver), "needs_prior", True))
+
+
+def needs_linear_operator(solver: Callable[..., Any]) -> bool:
+    """Whether a solver needs a linear operator with an adjoint (the function sets ``needs_linear_operator = True``)."""
+    return bool(getattr(getattr(solver, "func", solver), "needs_linear_operator", False))
+
+
+CONTRACT_ARGUMENTS = ("problem", "prior", "generator", "callback", "x_init")
+
+
+def check_solver_setup(solver: Callable[..., Any], prior: Prior | None, operator: ForwardOperator) -> None:
+    """Refuse, before any data is read or file written, a solver set-up that cannot run: hyperparameters the solver
+    does not take (e.g. a misspelt ``+solver.zetaa=1``), a missing required one, a diffusion solver without a prior,
+    or a nonlinear operator for a solver that needs its adjoint. Raises :class:`~diffinv_pl.errors.UserError`."""
+    func = getattr(solver, "func", solver)
+    name = getattr(func, "__name__", type(func).__name__)
+    bound = dict(getattr(solver, "keywords", None) or {})
+    params = inspect.signature(func).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        valid = sorted(k for k in params if k not in CONTRACT_ARGUMENTS)
+        unknown = sorted(set(bound) - set(valid))
+        if unknown:
+            raise UserError(
+                f"solver {name} has no hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(valid) or '(none)'} "
+                "(check the spelling of the solver.* overrides)"
+            )
+    missing = [
+        k for k, p in params.items()
+        if k not in CONTRACT_ARGUMENTS and p.default is inspect.Parameter.empty
+        and p.kind is inspect.Parameter.KEYWORD_ONLY and k not in bound
+    ]
+    if missing:
+        raise UserError(f"solver {name} needs the hyperparameter(s) {', '.join(missing)} (set solver.<name>=... in the config)")
+    if needs_prior(solver) and prior is None:
+        raise UserError(
+            f"solver {name} needs a prior: add prior=trained prior.path=<run>/checkpoints/last.ckpt (or pass prior= "
+            "from Python); the classical solvers pinv and tv need none"
+        )
+    if needs_linear_operator(solver) and not isinstance(operator, LinearOperator):
+        raise UserError(
+            f"solver {name} needs a linear operator with an adjoint, but {type(operator).__name__} is nonlinear: "
+            "use a diffusion solver (e.g. solver=dps) for this operator"
+        )
 
 
 def initial_state(

@@ -121,5 +121,6 @@ def tv_least_squares(
     return SolverResult(x, cost)
 
 
-pseudo_inverse.needs_prior = False
-tv_least_squares.needs_prior = False
+for _solver in (pseudo_inverse, tv_least_squares):
+    _solver.needs_prior = False
+    _solver.needs_linear_operator = True

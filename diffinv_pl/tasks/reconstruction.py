@@ -32,11 +32,13 @@ A sample whose row exists is finished: a rerun skips it (resume after a kill), a
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,16 +50,21 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffinv_pl.data.distributed import rank_indices
+from diffinv_pl.data.evaluation import PLACEHOLDER_KEY
+from diffinv_pl.errors import UserError
 from diffinv_pl.metrics.fid_stats import load_image
 from diffinv_pl.metrics.image import ImageMetrics
 from diffinv_pl.operators.base import ForwardOperator
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.priors.network import as_prior
-from diffinv_pl.solvers.base import InverseProblem, Solver
+from diffinv_pl.solvers.base import InverseProblem, Solver, check_solver_setup
 from diffinv_pl.utils.io import atomic_write_text, save_npy, save_png
+from diffinv_pl.utils.locks import sample_lock, sample_locked_elsewhere
 from diffinv_pl.utils.ranges import UNIT, convert_range
 from diffinv_pl.utils.seeding import key_generator
 from diffinv_pl.utils.stats import mean_ci95
+
+log = logging.getLogger(__name__)
 
 COST_KEYS = ("denoiser_calls", "operator_forward_calls", "operator_adjoint_calls", "wall_time_s")
 
@@ -115,16 +122,20 @@ class ReconstructionTask(L.LightningModule):
     ) -> None:
         super().__init__()
         if num_runs < 1 or not (math.isfinite(sigma_y) and sigma_y >= 0):
-            raise ValueError(f"need num_runs >= 1 and a finite sigma_y >= 0; got {num_runs}, {sigma_y}")
+            raise UserError(f"need task.num_runs >= 1 and a finite task.sigma_y >= 0; got {num_runs}, {sigma_y}")
         prior = as_prior(prior) if prior is not None else None
+        check_solver_setup(solver, prior, operator)
         prior_range, op_range = getattr(prior, "data_range", None), getattr(operator, "input_range", None)
         if prior_range is not None and op_range is not None and tuple(prior_range) != tuple(op_range):
-            raise ValueError(
+            raise UserError(
                 f"the prior works on images in {tuple(prior_range)} but the operator expects {tuple(op_range)}: set "
                 f"prior.data_range={list(op_range)} (the prior is then range-adapted) or the operator's input_range"
             )
         if prior is not None:
-            prior.check_data_shape(tuple(operator.in_shape))
+            try:
+                prior.check_data_shape(tuple(operator.in_shape))
+            except ValueError as err:
+                raise UserError(str(err)) from err
         if isinstance(prior, nn.Module):
             # the prior is fixed during evaluation: eval mode, and no parameter gradients (solvers such as DPS only
             # need gradients with respect to the state; weight gradients would double the backward cost)
@@ -132,48 +143,69 @@ class ReconstructionTask(L.LightningModule):
         self.solver, self.operator, self.metrics, self.prior = solver, operator, metrics, prior
         self.sigma_y, self.num_runs, self.seed = float(sigma_y), num_runs, seed
         self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
         self.solver_progress = solver_progress
         self.settings = json.loads(settings) if isinstance(settings, str) else dict(settings or {})
         self.settings.update(sigma_y=sigma_y, num_runs=num_runs, seed=seed)
-        self._check_output_dir(overwrite)
+        self._check_previous_results()
         self.summary: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------- set-up checks
-    def _check_output_dir(self, overwrite: bool) -> None:
-        """Refuse an output directory holding results of different settings, unless told to overwrite."""
+    def _check_previous_results(self) -> None:
+        """Refuse (read-only) an output directory holding finished rows of different settings, unless told to
+        overwrite; a directory whose earlier run finished no sample is reused freely."""
         config = self.output_dir / "config.json"
-        if config.exists() and not overwrite:
-            previous = json.loads(config.read_text())
-            if previous != json.loads(json.dumps(self.settings, default=str)):
-                raise ValueError(
-                    f"{self.output_dir} holds results of a different configuration (see {config}); use a new "
-                    "paths.output_dir, or task.overwrite=true to discard them"
-                )
-        if overwrite:
-            for row in (self.output_dir / "rows").glob("*.json"):
-                row.unlink()
-        atomic_write_text(config, json.dumps(self.settings, indent=2, sort_keys=True, default=str))
+        if self.overwrite or not config.exists() or not any((self.output_dir / "rows").glob("*.json")):
+            return
+        previous = json.loads(config.read_text())
+        if previous != json.loads(json.dumps(self.settings, default=str)):
+            raise UserError(
+                f"{self.output_dir} holds results of a different configuration (see {config}); use a new "
+                "paths.output_dir, or task.overwrite=true to discard them"
+            )
+
+    def _prepare_output_dir(self) -> None:
+        """After every check passed: probe that the directory is writable, discard old rows when overwriting (rank 0),
+        write config.json."""
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.output_dir / f".write_probe.{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(
+                f"cannot write to the output directory {str(self.output_dir)!r} ({err.strerror or err}): choose "
+                "another paths.output_dir or fix its permissions"
+            ) from err
+        if self.global_rank == 0:
+            if self.overwrite:
+                for row in (self.output_dir / "rows").glob("*.json"):
+                    row.unlink()
+            atomic_write_text(self.output_dir / "config.json", json.dumps(self.settings, indent=2, sort_keys=True, default=str))
+        self.trainer.strategy.barrier()
 
     def _dataset(self) -> Any:
         """The whole evaluation dataset (``datamodule.dataset``), or None when the datamodule does not expose it."""
         return getattr(getattr(self.trainer, "datamodule", None), "dataset", None)
 
     def on_test_start(self) -> None:
+        """Every set-up check, then the output directory; nothing is written before all checks pass."""
         trainer = self.trainer
         if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-            raise ValueError(
+            raise UserError(
                 "evaluation needs trainer.use_distributed_sampler=false: Lightning's DistributedSampler pads ranks with "
                 "duplicate samples; EvaluationDataModule gives each rank its exact share instead"
             )
         if torch.is_inference_mode_enabled():
-            raise ValueError("solvers need autograd: build the Trainer with inference_mode=False (trainer.inference_mode=false)")
+            raise UserError("solvers need autograd: build the Trainer with inference_mode=False (trainer.inference_mode=false)")
         dataset = self._dataset()
         if dataset is not None and len(dataset):
             self._check_image_shape(dataset[0]["image"])
+        self._prepare_output_dir()
 
     def _check_image_shape(self, image: Tensor) -> None:
         if tuple(image.shape[-len(self.operator.in_shape) :]) != tuple(self.operator.in_shape):
-            raise ValueError(
+            raise UserError(
                 f"dataset images have shape {tuple(image.shape)} but the operator expects {tuple(self.operator.in_shape)}; "
                 "set the data image_size/mode or operator.channels/image_size to match"
             )
@@ -195,19 +227,32 @@ class ReconstructionTask(L.LightningModule):
             yield lambda info: bar.update(1)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Measure, solve ``num_runs`` times, score, write and log every unfinished sample of the batch."""
-        keys: list[str] = list(batch["key"])
-        todo = [i for i, k in enumerate(keys) if not (self.output_dir / "rows" / f"{_safe_key(k)}.json").exists()]
-        if not todo:  # every sample of the batch was finished by an earlier run
-            return
-        keys, target = [keys[i] for i in todo], batch["image"][todo].to(self.device)
-        self._check_image_shape(target)
-        mean, std, y, scores_mean, scores_runs, cost = self._solve(keys, target)
-        for b, key in enumerate(keys):
-            self._write_sample(key, target[b], mean[b], std[b], y[b], scores_mean, scores_runs, b, cost)
+        """Measure, solve ``num_runs`` times, score, write and log the batch's samples that are not finished and not
+        being computed by another process (one lock per sample, held until its row is written)."""
+        with ExitStack() as locks:
+            keys, todo = [], []
+            for i, key in enumerate(batch["key"]):
+                if key == PLACEHOLDER_KEY or self._row(key).exists():
+                    continue  # a rank without work, or a sample finished by an earlier run
+                if not locks.enter_context(sample_lock(self.output_dir / "locks" / f"{_safe_key(key)}.lock")):
+                    log.info("sample %s is being computed by another process; skipped", key)
+                    continue
+                if not self._row(key).exists():  # finished by the other process while we waited for the lock
+                    keys.append(key)
+                    todo.append(i)
+            if not keys:
+                return
+            target = batch["image"][todo].to(self.device)
+            self._check_image_shape(target)
+            mean, std, y, scores_mean, scores_runs, cost = self._solve(keys, target)
+            for b, key in enumerate(keys):
+                self._write_sample(key, target[b], mean[b], std[b], y[b], scores_mean, scores_runs, b, cost)
         for name, values in scores_mean.items():
             self.metrics.means[name].update(values)
             self.log(f"{name}_step", values.mean(), on_step=True, on_epoch=False, batch_size=len(keys))
+
+    def _row(self, key: str) -> Path:
+        return self.output_dir / "rows" / f"{_safe_key(key)}.json"
 
     @torch.no_grad()
     def _solve(self, keys: list[str], target: Tensor):
@@ -260,10 +305,16 @@ class ReconstructionTask(L.LightningModule):
         """After every rank has finished: FID over all saved samples (each rank loads its index share, synced), then
         on rank 0 the aggregate over all rows, results files, ``results/*`` metrics and the W&B table."""
         self.trainer.strategy.barrier()
+        busy = self._samples_busy_elsewhere()
         for name, metric in self.metrics.means.items():  # every rank computes: torchmetrics syncs the states
             if metric.update_called or self.trainer.world_size > 1:
                 self.log(f"{name}_epoch", metric.compute(), batch_size=1)
             metric.reset()
+        if busy:  # another process into the same directory is still computing some samples: it aggregates
+            if self.global_rank == 0:
+                print(f"{len(busy)} sample(s) (e.g. {busy[0]}) are being computed by another process writing to "
+                      f"{self.output_dir}; the process that finishes last writes results.json")
+            return
         fid = self._fid() if self.metrics.enabled()["fid"] else None
         if self.global_rank != 0:
             return
@@ -272,6 +323,16 @@ class ReconstructionTask(L.LightningModule):
             if isinstance(v, (int, float)) and not k.endswith("_ci95"):
                 self.log(f"results/{k}", float(v), rank_zero_only=True)
         self._log_table_and_images()
+
+    def _samples_busy_elsewhere(self) -> list[str]:
+        """Keys without a row whose lock another process holds (same on every rank: decided on rank 0)."""
+        dataset = self._dataset()
+        busy = []
+        if self.global_rank == 0 and dataset is not None:
+            for key in dataset.keys:
+                if not self._row(key).exists() and sample_locked_elsewhere(self.output_dir / "locks" / f"{_safe_key(key)}.lock"):
+                    busy.append(key)
+        return self.trainer.strategy.broadcast(busy, src=0)
 
     def _rows(self) -> list[dict[str, Any]]:
         return [json.loads(p.read_text()) for p in sorted((self.output_dir / "rows").glob("*.json"))]
