@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 import torch
@@ -23,7 +24,8 @@ from diffinv_pl.operators import MatrixOperator, build_operator
 from diffinv_pl.operators.base import ForwardOperator
 from diffinv_pl.priors import GaussianMixture
 from diffinv_pl.priors.base import Prior
-from diffinv_pl.solvers import SOLVERS, InverseProblem, dps, needs_prior
+from diffinv_pl.errors import UserError
+from diffinv_pl.solvers import SOLVERS, InverseProblem, check_solver_setup, dps, needs_prior
 from diffinv_pl.utils.seeding import key_generator
 
 F64 = torch.float64
@@ -236,6 +238,19 @@ def test_bad_initial_state_is_refused_before_any_work(name):
         solver_from_config(name)(problem, prior, generator=_generators(range(ROWS)), x_init=wrong)
     assert (op.forward_calls, op.adjoint_calls) == calls
     assert not case.countable_prior or prior.calls == 0
+
+
+def test_setup_check_passes_the_config_and_refuses_unknown_hyperparameters(name):
+    case = _case(name)
+    solver = solver_from_config(name)
+    operator = case.problem([0]).operator
+    check_solver_setup(solver, case.prior, operator)
+    misspelt = partial(solver.func, **solver.keywords, not_a_hyperparameter=1)
+    with pytest.raises(UserError, match="not_a_hyperparameter"):
+        check_solver_setup(misspelt, case.prior, operator)
+    if needs_prior(solver):
+        with pytest.raises(UserError, match="needs a prior"):
+            check_solver_setup(solver, None, operator)
 
 
 # --------------------------------------------------------------------------------------------------------------------
