@@ -37,7 +37,8 @@ grayscale, value ``round(255 v)``) or ``.npy`` (float32 array ``(1, H, W)`` of `
 series, instance_number, position_mm, slope, intercept, window_center, window_width. Each file is written to a
 hidden temporary file and moved into place with ``os.replace``; existing outputs (any target file or
 ``slices.csv``) are never replaced unless ``--overwrite`` is given, and that check covers every target before
-anything is written. ``--output`` may not lie inside ``--input`` (its files would be read back as input).
+anything is written. ``--output`` may not lie inside ``--input`` (its files would be read back as input). A refusal
+prints one ``error: ...`` line naming the fix and exits with status 2.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from diffinv_pl.errors import UserError, UserFileError, report_user_errors
 from diffinv_pl.utils.io import atomic_write_text, csv_text, save_npy, save_png
 
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {  # name -> (center, width) in HU
@@ -83,31 +85,31 @@ class SliceInfo:
 def apply_window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     """``clip((hu - (center - width / 2)) / width, 0, 1)`` as float32 (HU in, [0, 1] out; ``width`` > 0)."""
     if width <= 0:
-        raise ValueError(f"window width must be > 0 HU, got {width}")
+        raise UserError(f"window width must be > 0 HU, got {width}")
     low = center - width / 2.0
     return np.clip((np.asarray(hu, dtype=np.float64) - low) / width, 0.0, 1.0).astype(np.float32)
 
 
 def _read(path: Path):
-    """The decoded dataset and its pixel array; ValueError naming the file when it is not a usable CT slice."""
+    """The decoded dataset and its pixel array; UserError naming the file when it is not a usable CT slice."""
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as e:
-        raise ValueError(f"{str(path)!r} is not a DICOM file ({e})") from e
+        raise UserError(f"{str(path)!r} is not a DICOM file ({e})") from e
     except Exception as e:  # truncated / malformed files raise assorted errors; report them, never swallow
-        raise ValueError(f"{str(path)!r} cannot be read as DICOM ({type(e).__name__}: {e})") from e
+        raise UserError(f"{str(path)!r} cannot be read as DICOM ({type(e).__name__}: {e})") from e
     if "PixelData" not in ds:
-        raise ValueError(f"{str(path)!r} is DICOM but has no pixel data (SOP class {ds.get('SOPClassUID', '?')})")
+        raise UserError(f"{str(path)!r} is DICOM but has no pixel data (SOP class {ds.get('SOPClassUID', '?')})")
     frames, samples = int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("SamplesPerPixel", 1))
     if frames != 1 or samples != 1:
-        raise ValueError(
+        raise UserError(
             f"{str(path)!r} has {frames} frame(s) of {samples} sample(s) per pixel; only single-frame grayscale "
             "slices are supported"
         )
     try:
         pixels = ds.pixel_array
     except Exception as e:  # e.g. a compressed transfer syntax without a decoder plugin; pydicom names the fix
-        raise ValueError(f"{str(path)!r}: cannot decode pixel data ({type(e).__name__}: {e})") from e
+        raise UserError(f"{str(path)!r}: cannot decode pixel data ({type(e).__name__}: {e})") from e
     return ds, pixels
 
 
@@ -142,11 +144,11 @@ def read_slice_info(path: Path, input_dir: Path) -> SliceInfo:
 def collect_series(input_dir: Path, skip_invalid: bool) -> tuple[dict[str, list[SliceInfo]], dict[Path, str]]:
     """Valid slices grouped by series and sorted (module docstring), plus ``{invalid file: reason}`` when skipping.
 
-    Raises FileNotFoundError for a missing folder, ValueError when it has no files, when a file is invalid and
+    Raises UserFileError for a missing folder, UserError when it has no files, when a file is invalid and
     ``skip_invalid`` is False (one error listing every invalid file), or when no valid slice remains.
     """
     if not input_dir.is_dir():
-        raise FileNotFoundError(
+        raise UserFileError(
             f"input folder {str(input_dir)!r} does not exist or is not a directory; pass the folder holding the "
             "DICOM files as --input"
         )
@@ -156,24 +158,27 @@ def collect_series(input_dir: Path, skip_invalid: bool) -> tuple[dict[str, list[
         and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
     )
     if not files:
-        raise ValueError(f"no files under {str(input_dir)!r}; pass the folder holding the DICOM files as --input")
+        raise UserError(f"no files under {str(input_dir)!r}; pass the folder holding the DICOM files as --input")
     series: dict[str, list[SliceInfo]] = {}
     invalid: dict[Path, str] = {}
     for path in files:
         try:
             info = read_slice_info(path, input_dir)
-        except ValueError as e:
+        except ValueError as e:  # UserError from _read, or a malformed tag value
             invalid[path] = str(e)
             continue
         series.setdefault(info.series, []).append(info)
     if invalid and not skip_invalid:
         listing = "\n".join(f"  {reason}" for reason in invalid.values())
-        raise ValueError(
+        raise UserError(
             f"{len(invalid)} of {len(files)} file(s) under {str(input_dir)!r} are not usable DICOM slices:\n"
             f"{listing}\n(pass --skip-invalid to leave them out)"
         )
     if not series:
-        raise ValueError(f"no usable DICOM slices under {str(input_dir)!r} ({len(invalid)} invalid file(s) skipped)")
+        raise UserError(
+            f"no usable DICOM slices under {str(input_dir)!r} ({len(invalid)} invalid file(s) skipped); pass the "
+            "folder holding the CT slices as --input"
+        )
     return {uid: sort_slices(slices) for uid, slices in sorted(series.items())}, invalid
 
 
@@ -228,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -244,17 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size must be >= 1, got {args.size}")
     out: Path = args.output
     if out.resolve() == args.input.resolve() or args.input.resolve() in out.resolve().parents:
-        print(
-            f"error: --output {str(out)!r} lies inside --input {str(args.input)!r}; its files would be read back as "
-            "invalid DICOM on the next run -- choose an output folder outside the input",
-            file=sys.stderr,
+        raise UserError(
+            f"--output {str(out)!r} lies inside --input {str(args.input)!r}; its files would be read back as "
+            "invalid DICOM on the next run -- choose an output folder outside the input"
         )
-        return 1
-    try:
-        series, invalid = collect_series(args.input, args.skip_invalid)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    series, invalid = collect_series(args.input, args.skip_invalid)
     plan = [
         (f"{uid}/{index:04d}.{args.format}", info)
         for uid, slices in series.items()
@@ -262,12 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     existing = [p for p in [out / rel for rel, _ in plan] + [out / "slices.csv"] if p.exists()]
     if existing and not args.overwrite:
-        print(
-            f"error: {len(existing)} output file(s) already exist (first: {str(existing[0])!r}); pass --overwrite "
-            "to replace them, or choose another --output",
-            file=sys.stderr,
+        raise UserError(
+            f"{len(existing)} output file(s) already exist (first: {str(existing[0])!r}); pass --overwrite "
+            "to replace them, or choose another --output"
         )
-        return 1
     rows = []
     for rel, info in plan:
         write_slice(out / rel, apply_window(load_hu(info, args.size), center, width), args.format)

@@ -5,7 +5,8 @@
 ``--format png`` (default): 16-bit grayscale PNG, value round(x * 65535) (read back by ImageFolderDataset as
 value / 65535, error <= 7.7e-6); ``--format npy``: float32 (1, S, S) arrays, exact. Files are
 ``DIR/phantom_00000.png`` ... (key = ``phantom_key(index)``). Existing files are never overwritten unless
-``--overwrite`` is given; the check covers every target file before anything is written.
+``--overwrite`` is given; the check covers every target file before anything is written (a refusal prints one
+``error: ...`` line naming the fix and exits with status 2).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 
 from diffinv_pl.data.phantoms import phantom_key, random_ellipses_phantom
+from diffinv_pl.errors import UserError, report_user_errors
 
 FORMATS = ("png", "npy")
 
@@ -44,6 +46,7 @@ def write_phantom(path: Path, image, fmt: str) -> None:
     Image.fromarray(q).save(path)  # mode I;16 -> 16-bit grayscale PNG
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -52,13 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.size < 2:
         parser.error(f"--size must be >= 2, got {args.size}")
     root: Path = args.output_root
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--output-root {str(root)!r} is a file, not a folder; choose a folder to write into")
     targets = [root / f"{phantom_key(i)}.{args.format}" for i in range(args.num_images)]
     existing = [t for t in targets if t.exists()]
     if existing and not args.overwrite:
-        parser.exit(
-            1,
-            f"error: {len(existing)} of the {len(targets)} target files already exist (first: {existing[0]}); "
-            "pass --overwrite to replace them\n",
+        raise UserError(
+            f"{len(existing)} of the {len(targets)} target files already exist (first: {existing[0]}); pass "
+            "--overwrite to replace them, or choose another --output-root"
         )
     root.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(targets):

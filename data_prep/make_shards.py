@@ -14,6 +14,13 @@ unreadable file; ``skip``: leave them out and list them). After writing, the sha
 (``validate_shards``: index integrity, keys streamed in tar order, every member decodes to its recorded shape) and the
 per-shard sample counts are printed.
 
+Values: images must be finite and in [0, 1]; an ``.npy`` input with NaN/Inf or values outside [0, 1] is refused
+before anything is written, naming every such file. RGBA / LA inputs whose alpha is not fully opaque are converted
+with the alpha dropped, and one warning names them.
+
+User mistakes (missing or empty input folder, corrupt inputs with ``--corrupt fail``, bad values, existing output
+without ``--overwrite``, invalid shards) print one ``error: ...`` line naming the fix and exit with status 2.
+
     python data_prep/make_shards.py --validate DIR     # validate existing shards only
 """
 
@@ -28,8 +35,11 @@ import torch
 from torch.utils.data import Dataset
 
 
-from diffinv_pl.data.images import CORRUPT_POLICIES, ImageFolderDataset
+from diffinv_pl.data.images import CORRUPT_POLICIES, ImageFolderDataset, check_image_values
 from diffinv_pl.data.shards import IMAGE_FORMATS, validate_shards, write_shards
+from diffinv_pl.errors import UserError, UserFileError, report_user_errors
+
+MAX_LISTED = 10
 
 
 class NpyFolderDataset(Dataset):
@@ -38,14 +48,20 @@ class NpyFolderDataset(Dataset):
     def __init__(self, root: Path, image_size: int | None = None, grayscale: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"folder {str(self.root)!r} does not exist or is not a directory")
+            raise UserFileError(
+                f"--images {str(self.root)!r} does not exist or is not a directory; pass the folder holding the .npy "
+                "files"
+            )
         self.files = sorted(
             p.relative_to(self.root).as_posix()
             for p in self.root.rglob("*.npy")
             if p.is_file() and not any(s.startswith(".") for s in p.relative_to(self.root).parts)
         )
         if not self.files:
-            raise ValueError(f"no .npy files under {str(self.root)!r}")
+            raise UserError(
+                f"no .npy files under {str(self.root)!r}; pass the folder holding them as --images (PNG/JPEG input: "
+                "drop --input-format npy)"
+            )
         self.keys = [f[: -len(".npy")] for f in self.files]
         self.image_size, self.grayscale = image_size, grayscale
 
@@ -54,15 +70,40 @@ class NpyFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path = self.root / self.files[index]
-        image = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+        where = f"sample {self.keys[index]!r} (file {str(path)!r})"
+        try:
+            array = np.load(path, allow_pickle=False)
+            image = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"{where}: not a readable numeric .npy array ({err}); replace or remove the file") from err
         image = image[None] if image.ndim == 2 else image
         if image.ndim != 3:
-            raise ValueError(f"{str(path)!r}: expected a (C, H, W) or (H, W) array, got shape {tuple(image.shape)}")
+            raise UserError(f"{where}: expected a (C, H, W) or (H, W) array, got shape {tuple(image.shape)}")
         if self.image_size is not None and image.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"{str(path)!r} is {tuple(image.shape[-2:])}, not {self.image_size}^2 (npy: no resizing)")
+            raise UserError(
+                f"{where} is {tuple(image.shape[-2:])}, not {self.image_size}^2 (npy: no resizing); omit --image-size "
+                "or resize the arrays"
+            )
+        check_image_values(image, where, "clean or remove the file")
         if self.grayscale and image.shape[0] == 3:
             image = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
         return {"key": self.keys[index], "image": image, "path": self.files[index]}
+
+    def check(self) -> None:
+        """Read every file first: one UserError naming every unusable one (unreadable, wrong shape, NaN/Inf or values
+        outside [0, 1]) before anything is written."""
+        problems = []
+        for index in range(len(self)):
+            try:
+                self[index]
+            except UserError as err:
+                problems.append(str(err))
+        if problems:
+            more = f"\n  ... ({len(problems)} in all)" if len(problems) > MAX_LISTED else ""
+            raise UserError(
+                f"{len(problems)} of {len(self)} .npy file(s) under {str(self.root)!r} are unusable:\n  "
+                + "\n  ".join(problems[:MAX_LISTED]) + more
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -92,13 +134,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
     if args.image_size is not None and args.image_size < 1:
         parser.error(f"--image-size must be >= 1, got {args.image_size}")
+    if _holds_shards(args.output) and not args.overwrite:  # before the (slow) full decode of every input
+        raise UserError(_exists_message(args.output))
     if args.input_format == "npy":
         dataset = NpyFolderDataset(args.images, args.image_size, args.grayscale)
+        dataset.check()
     else:
-        dataset = ImageFolderDataset(
-            args.images, image_size=args.image_size, mode="L" if args.grayscale else "RGB", corrupt=args.corrupt,
-            full_check=True,
-        )
+        try:
+            dataset = ImageFolderDataset(
+                args.images, image_size=args.image_size, mode="L" if args.grayscale else "RGB", corrupt=args.corrupt,
+                full_check=True,
+            )
+        except UserError as e:
+            raise UserError(f"--images: {e}") from e
         for path in dataset.skipped:
             print(f"skipped unreadable image {path}")
     try:
@@ -107,18 +155,26 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
     except FileExistsError as e:
-        parser.exit(1, f"error: {e} (use --overwrite)\n")
+        raise UserError(_exists_message(args.output)) from e
     print(f"wrote {len(dataset)} samples; index: {index_path}")
     return _report(args.output)
 
 
+def _holds_shards(folder: Path) -> bool:
+    return (folder / "index.json").exists() or any(folder.glob("shard-*.tar"))
+
+
+def _exists_message(folder: Path) -> str:
+    return (
+        f"--output {str(folder)!r} already holds shards or an index; pass --overwrite to replace them, or choose "
+        "another --output"
+    )
+
+
 def _report(folder: Path) -> int:
-    """Validate the shards in ``folder`` and print the per-shard counts (1 on invalid shards)."""
-    try:
-        counts = validate_shards(folder)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    """Validate the shards in ``folder`` and print the per-shard counts (invalid shards: a UserError naming every
+    problem, reported by ``main`` as one ``error:`` message, exit status 2)."""
+    counts = validate_shards(folder)
     print(f"valid: {sum(counts.values())} samples in {len(counts)} shard(s): "
           + ", ".join(f"{name} {n}" for name, n in counts.items()))
     return 0

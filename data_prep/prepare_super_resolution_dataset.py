@@ -23,7 +23,9 @@ image decodes completely (``full_check``: catches truncated JPEGs that pillow's 
 cost of decoding each file twice). ``--corrupt fail`` (default) refuses with one error listing every corrupt file;
 ``--corrupt skip`` leaves them out and lists them after the split's summary. Existing target files or manifests are
 never replaced unless ``--overwrite`` is given; an output folder may not lie inside its input folder or contain it.
-One summary line per split is printed: images written, corrupt files skipped, output folder.
+One summary line per split is printed: images written, corrupt files skipped, output folder. RGBA / LA inputs whose
+alpha is not fully opaque are converted with the alpha dropped, and one warning per split names them. A refusal
+prints one ``error: ...`` line naming the fix and exits with status 2.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 
 
 from diffinv_pl.data.images import CORRUPT_POLICIES, ImageFolderDataset
+from diffinv_pl.errors import UserError, UserFileError, report_user_errors
 from diffinv_pl.utils.io import atomic_write_text, save_png
 
 SPLITS = ("train", "test")
@@ -73,12 +76,12 @@ def plan_split(
     corrupt: str = "fail",
     manifest: str | Path | None = None,
 ) -> SplitPlan:
-    """Scan and fully decode-check ``input_dir``; raise FileNotFoundError / ValueError on unusable input or layout."""
+    """Scan and fully decode-check ``input_dir``; raise UserFileError / UserError on unusable input or layout."""
     if size < 1:
-        raise ValueError(f"size must be a positive number of pixels, got {size}")
+        raise UserError(f"size must be a positive number of pixels, got {size}")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
-        raise FileNotFoundError(
+        raise UserFileError(
             f"input folder {str(input_dir)!r} does not exist or is not a directory; point it at a folder of "
             "PNG/JPEG images"
         )
@@ -123,7 +126,7 @@ def prepare_split(
 def _refuse_overlap(input_dir: Path, output_dir: Path) -> None:
     src, dst = input_dir.resolve(), output_dir.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
-        raise ValueError(
+        raise UserError(
             f"output folder {str(output_dir)!r} overlaps input folder {str(input_dir)!r} (one contains the other); "
             "choose an --output-root outside the input folders"
         )
@@ -153,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -160,14 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size must be >= 1, got {args.size}")
     root: Path = args.output_root
     inputs = dict(zip(SPLITS, (args.train_dir, args.test_dir)))
-    try:  # a split's output inside the other split's input would be read back by a later scan
-        for split, input_dir in inputs.items():
-            for other in SPLITS:
-                if other != split:
-                    _refuse_overlap(input_dir, root / other)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    for split, input_dir in inputs.items():  # a split's output inside the other split's input would be read back
+        for other in SPLITS:
+            if other != split:
+                _refuse_overlap(input_dir, root / other)
     plans = {}
     for split, input_dir in inputs.items():
         try:
@@ -175,14 +175,12 @@ def main(argv: list[str] | None = None) -> int:
                 input_dir, root / split, size=args.size, grayscale=args.grayscale, corrupt=args.corrupt,
                 manifest=root / f"{split}_images.txt" if args.write_manifests else None,
             )
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: --{split}-dir {str(input_dir)!r}: {e}", file=sys.stderr)
-            return 1
+        except UserError as e:
+            raise UserError(f"--{split}-dir {str(input_dir)!r}: {e}") from e
     try:
         _refuse_existing([p for plan in plans.values() for p in plan.existing()], args.overwrite)
     except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserError(str(e)) from e
     mode = "L" if args.grayscale else "RGB"
     for split, plan in plans.items():
         result = write_split(plan)

@@ -42,6 +42,16 @@ def find_user_error(err: BaseException | None) -> UserError | None:
     return None
 
 
+def user_message(err: UserError) -> str:
+    """The error's message; for an error re-raised from a DataLoader worker (whose message embeds the worker's
+    traceback) only the original message, from the traceback's last line."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def debug_tracebacks() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("DIFFINV_DEBUG") == "1"
 
@@ -58,7 +68,7 @@ def report_user_errors(main: F) -> F:
             user = find_user_error(err)
             if user is None or debug_tracebacks():
                 raise
-            print(f"error: {user}", file=sys.stderr)
+            print(f"error: {user_message(user)}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
 
     return wrapper  # type: ignore[return-value]

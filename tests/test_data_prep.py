@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffinv_pl.data.phantoms import phantom_key, random_ellipses_phantom
 from diffinv_pl.data.shards import ShardIndexDataset, validate_shards
 
-DATA_PREP = Path(__file__).resolve().parents[1] / "data_prep"
+REPO = Path(__file__).resolve().parents[1]
+DATA_PREP = REPO / "data_prep"
 
 
 def _load(name: str):
@@ -24,6 +29,17 @@ def _load(name: str):
 
 phantoms_cli = _load("make_ct_phantoms")
 shards_cli = _load("make_shards")
+
+
+def _user_error(main, argv, capsys) -> str:
+    """Run a ``main`` that must refuse: exit status 2 (report_user_errors), one ``error:`` line; returns stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err
+    return err
 
 
 def test_png_phantoms_to_shards_round_trip(tmp_path, capsys):
@@ -58,24 +74,22 @@ def test_npy_phantoms_to_shards_exact(tmp_path):
     assert torch.equal(ds[2]["image"], random_ellipses_phantom(2, 1, 16))
 
 
-def test_overwrite_refused(tmp_path):
+def test_overwrite_refused(tmp_path, capsys):
     src, out = tmp_path / "phantoms", tmp_path / "shards"
     argv = ["--output-root", str(src), "--num-images", "2", "--size", "16", "--seed", "0"]
     phantoms_cli.main(argv)
     target = src / f"{phantom_key(1)}.png"
     target.write_bytes(b"sentinel")
-    with pytest.raises(SystemExit) as e:
-        phantoms_cli.main(argv + ["--num-images", "3", "--seed", "1"])
-    assert e.value.code != 0
+    err = _user_error(phantoms_cli.main, argv + ["--num-images", "3", "--seed", "1"], capsys)
+    assert "already exist" in err and "--overwrite" in err
     assert target.read_bytes() == b"sentinel" and not (src / f"{phantom_key(2)}.png").exists()  # nothing written
     phantoms_cli.main(argv + ["--overwrite"])
     assert target.read_bytes() != b"sentinel"
 
     shard_argv = ["--images", str(src), "--output", str(out), "--samples-per-shard", "1", "--grayscale"]
     shards_cli.main(shard_argv)
-    with pytest.raises(SystemExit) as e:
-        shards_cli.main(shard_argv)
-    assert e.value.code != 0
+    err = _user_error(shards_cli.main, shard_argv, capsys)
+    assert str(out) in err and "--overwrite" in err
     assert shards_cli.main(shard_argv + ["--overwrite"]) == 0
     assert len(ShardIndexDataset(out)) == 2
 
@@ -93,10 +107,14 @@ def test_shards_are_validated_after_writing_and_corruption_is_found(tmp_path, ca
     with open(out / name, "r+b") as f:
         f.seek(img_off + 8)
         f.write(b"\0" * 16)
-    with pytest.raises(ValueError, match=r"sample 'phantom_00003' in .*shard-000001.tar.*PNG does not decode"):
+    with pytest.raises(
+        ValueError,
+        match=r"sample 'phantom_00003' \(member phantom_00003.png of shard .*shard-000001.tar'\): PNG does not decode"
+        r".*make_shards.py --overwrite",
+    ):
         validate_shards(out)
-    assert shards_cli.main(["--validate", str(out)]) == 1
-    assert "phantom_00003" in capsys.readouterr().err
+    err = _user_error(shards_cli.main, ["--validate", str(out)], capsys)
+    assert "phantom_00003" in err
 
 
 def test_corrupt_input_images_fail_or_are_skipped(tmp_path, capsys):
@@ -105,10 +123,77 @@ def test_corrupt_input_images_fail_or_are_skipped(tmp_path, capsys):
     bad = src / f"{phantom_key(1)}.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated: header fine, pixel data missing
     argv = ["--images", str(src), "--output", str(out), "--samples-per-shard", "2", "--grayscale"]
-    with pytest.raises(ValueError, match="phantom_00001.png"):
-        shards_cli.main(argv)
+    err = _user_error(shards_cli.main, argv, capsys)
+    assert "phantom_00001.png" in err and "--corrupt skip" in err
     assert not out.exists() or not list(out.iterdir())
     assert shards_cli.main(argv + ["--corrupt", "skip"]) == 0
     printed = capsys.readouterr().out
     assert "skipped unreadable image" in printed and "phantom_00001.png" in printed
     assert ShardIndexDataset(out).keys == [phantom_key(0), phantom_key(2)]
+
+
+def _npy_folder(root: Path) -> dict[str, Path]:
+    """ok.npy in [0, 1], nan.npy with one NaN, range.npy with values up to ~3."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ok = rng.random((1, 4, 4), dtype=np.float32)
+    nan, big = ok.copy(), ok * 3 + 0.1
+    nan[0, 1, 2] = np.nan
+    files = {"ok": root / "ok.npy", "nan": root / "nan.npy", "range": root / "range.npy"}
+    for name, arr in (("ok", ok), ("nan", nan), ("range", big)):
+        np.save(files[name], arr)
+    return files
+
+
+def test_make_shards_script_refuses_nan_arrays_with_one_error_line(tmp_path):
+    """A user mistake in a data_prep script run as a program: exit status 2, one ``error:`` line naming every bad
+    file and the fix, no traceback, nothing written (NaN arrays used to be packed silently)."""
+    files = _npy_folder(tmp_path / "arrays")
+    out = tmp_path / "shards"
+    argv = ["--images", str(tmp_path / "arrays"), "--output", str(out), "--samples-per-shard", "2",
+            "--input-format", "npy", "--format", "npy"]
+    run = subprocess.run([sys.executable, str(DATA_PREP / "make_shards.py"), *argv], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert [line for line in run.stderr.splitlines() if "error:" in line] == [run.stderr.splitlines()[0]]
+    assert run.stderr.startswith("error: 2 of 3 .npy file(s)")
+    assert f"sample 'nan' (file {str(files['nan'])!r}): image has 1 NaN/Inf value(s)" in run.stderr
+    assert f"sample 'range' (file {str(files['range'])!r}): image values lie in" in run.stderr
+    assert "outside the allowed range [0, 1]" in run.stderr and "clean or remove the file" in run.stderr
+    assert str(files["ok"]) not in run.stderr
+    assert not out.exists()
+
+
+def test_make_shards_missing_input_is_one_line(tmp_path, capsys):
+    argv = ["--images", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--samples-per-shard", "2"]
+    err = _user_error(shards_cli.main, argv, capsys)
+    assert str(tmp_path / "nope") in err and "does not exist" in err and err.count("\n") == 1
+    err = _user_error(shards_cli.main, [*argv, "--input-format", "npy"], capsys)
+    assert "--images" in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    err = _user_error(shards_cli.main, ["--images", str(tmp_path / "empty"), *argv[2:]], capsys)
+    assert "no images with extensions" in err
+    err = _user_error(shards_cli.main, ["--validate", str(tmp_path / "nope")], capsys)
+    assert "no shard index" in err and "make_shards.py" in err
+
+
+def test_make_shards_warns_once_about_dropped_alpha(tmp_path):
+    src, out = tmp_path / "rgba", tmp_path / "shards"
+    src.mkdir()
+    rgba = np.full((8, 8, 4), 200, np.uint8)
+    for i in range(7):  # 7 translucent files (listed: first 5 + count), one opaque RGBA, one RGB
+        rgba[0, 0, 3] = 10 * i
+        Image.fromarray(rgba, "RGBA").save(src / f"t{i}.png")
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(src / "opaque.png")
+    Image.fromarray(rgba[..., :3], "RGB").save(src / "rgb.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert shards_cli.main(["--images", str(src), "--output", str(out), "--samples-per-shard", "4"]) == 0
+    alpha = [w for w in caught if "alpha" in str(w.message)]
+    assert len(alpha) == 1 and issubclass(alpha[0].category, UserWarning)
+    message = str(alpha[0].message)
+    assert "7 image(s)" in message and "t0.png, t1.png" in message and "(7 in all)" in message
+    assert "opaque.png" not in message and "rgb.png" not in message and "flatten" in message
+    assert len(ShardIndexDataset(out)) == 9

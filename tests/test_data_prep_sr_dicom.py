@@ -20,6 +20,17 @@ from diffinv_pl.data.images import ImageFolderDataset, load_image
 DATA_PREP = Path(__file__).resolve().parents[1] / "data_prep"
 
 
+def _user_error(main, argv, capsys) -> str:
+    """Run a data_prep ``main`` that must refuse: exit status 2 (report_user_errors), one ``error:`` line; stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err
+    return err
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"data_prep_{name}", DATA_PREP / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -111,8 +122,7 @@ def test_sr_corrupt_fail_names_every_file_and_writes_nothing(tmp_path, capsys):
     train, test = _make_splits(tmp_path)
     bad = _add_corrupt(train)
     out = tmp_path / "out"
-    assert sr_cli.main(_sr_argv(train, test, out)) == 1
-    err = capsys.readouterr().err
+    err = _user_error(sr_cli.main, _sr_argv(train, test, out), capsys)
     assert "--train-dir" in err and "2 corrupt image file(s)" in err and "corrupt='skip'" in err
     assert all(str(p) in err for p in bad)
     assert not out.exists()
@@ -135,9 +145,7 @@ def test_sr_refuses_to_overwrite(tmp_path, capsys):
     assert sr_cli.main(_sr_argv(train, test, out)) == 0
     target = out / "train" / "a.png"
     target.write_bytes(b"finished result")
-    capsys.readouterr()
-    assert sr_cli.main(_sr_argv(train, test, out)) == 1
-    err = capsys.readouterr().err
+    err = _user_error(sr_cli.main, _sr_argv(train, test, out), capsys)
     assert "already exist" in err and "--overwrite" in err
     assert target.read_bytes() == b"finished result"
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -151,14 +159,11 @@ def test_sr_missing_empty_and_overlapping_dirs(tmp_path, capsys):
     train, test = _make_splits(tmp_path)
     missing, empty = tmp_path / "nope", tmp_path / "empty"
     empty.mkdir()
-    assert sr_cli.main(_sr_argv(missing, test, tmp_path / "out")) == 1
-    err = capsys.readouterr().err
+    err = _user_error(sr_cli.main, _sr_argv(missing, test, tmp_path / "out"), capsys)
     assert "--train-dir" in err and str(missing) in err and "does not exist" in err
-    assert sr_cli.main(_sr_argv(train, empty, tmp_path / "out")) == 1
-    err = capsys.readouterr().err
+    err = _user_error(sr_cli.main, _sr_argv(train, empty, tmp_path / "out"), capsys)
     assert "--test-dir" in err and str(empty) in err and "no images" in err
-    assert sr_cli.main(_sr_argv(train, test, train / "prepared")) == 1
-    assert "overlaps input folder" in capsys.readouterr().err
+    assert "overlaps input folder" in _user_error(sr_cli.main, _sr_argv(train, test, train / "prepared"), capsys)
     assert not (tmp_path / "out").exists() and not (train / "prepared").exists()
 
 
@@ -300,8 +305,7 @@ def test_dicom_invalid_files_named_or_skipped(tmp_path, capsys):
     assert pydicom.dcmread(no_pixels).PatientName == "header only"
 
     argv = ["--input", str(src), "--output", str(out)]
-    assert dicom_cli.main(argv) == 1
-    err = capsys.readouterr().err
+    err = _user_error(dicom_cli.main, argv, capsys)
     assert f"{str(notes)!r} is not a DICOM file" in err
     assert f"{str(no_pixels)!r} is DICOM but has no pixel data" in err
     assert "--skip-invalid" in err and not out.exists()
@@ -319,9 +323,7 @@ def test_dicom_refuses_overwrite_and_bad_inputs(tmp_path, capsys):
     assert dicom_cli.main(argv) == 0
     first = out / SERIES / "0000.png"
     first.write_bytes(b"finished result")
-    capsys.readouterr()
-    assert dicom_cli.main(argv) == 1
-    err = capsys.readouterr().err
+    err = _user_error(dicom_cli.main, argv, capsys)
     assert "already exist" in err and "--overwrite" in err
     assert first.read_bytes() == b"finished result"
     assert dicom_cli.main([*argv, "--overwrite"]) == 0
@@ -330,9 +332,7 @@ def test_dicom_refuses_overwrite_and_bad_inputs(tmp_path, capsys):
 
     missing, empty = tmp_path / "nope", tmp_path / "empty"
     empty.mkdir()
-    assert dicom_cli.main(["--input", str(missing), "--output", str(tmp_path / "o2")]) == 1
-    assert str(missing) in capsys.readouterr().err
-    assert dicom_cli.main(["--input", str(empty), "--output", str(tmp_path / "o2")]) == 1
-    assert "no files under" in capsys.readouterr().err
-    assert dicom_cli.main(["--input", str(src), "--output", str(src / "png")]) == 1
-    assert "inside --input" in capsys.readouterr().err
+    o2 = str(tmp_path / "o2")
+    assert str(missing) in _user_error(dicom_cli.main, ["--input", str(missing), "--output", o2], capsys)
+    assert "no files under" in _user_error(dicom_cli.main, ["--input", str(empty), "--output", o2], capsys)
+    assert "inside --input" in _user_error(dicom_cli.main, ["--input", str(src), "--output", str(src / "png")], capsys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from torch.utils.data import DataLoader, Subset
 from diffinv_pl.data.distributed import rank_indices, skip_finished
 from diffinv_pl.data.images import ImageFolderDataset
 from diffinv_pl.data.phantoms import CTPhantomDataset, random_ellipses_phantom
-from diffinv_pl.data.shards import ShardIndexDataset, write_shards
+from diffinv_pl.data.shards import ShardIndexDataset, validate_shards, write_shards
+from diffinv_pl.data.training import decode_shard_sample
+from diffinv_pl.errors import UserError
 
 
 def _save(path, array, **kw):
@@ -206,6 +209,101 @@ def test_write_shards_refuses_duplicate_and_bad_keys(tmp_path):
         write_shards([{"key": "scan.v2", "image": img}], tmp_path / "dot")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         write_shards([{"key": "hot", "image": img + 2}], tmp_path / "range")
+
+
+def _npy_shards(out: Path, n: int = 3) -> ShardIndexDataset:
+    samples = [{"key": f"s{i}", "image": torch.full((1, 2, 2), 0.25 * (i + 1))} for i in range(n)]
+    write_shards(samples, out, samples_per_shard=2, image_format="npy")
+    return ShardIndexDataset(out)
+
+
+def _poke_last_value(ds: ShardIndexDataset, index: int, value: float) -> Path:
+    """Overwrite the last float32 of sample ``index``'s npy member in place (the index offsets stay valid)."""
+    name, (img_off, img_size, _, _) = ds._where[index]
+    with open(ds.root / name, "r+b") as f:
+        f.seek(img_off + img_size - 4)
+        f.write(np.float32(value).tobytes())
+    return ds.root / name
+
+
+@pytest.mark.parametrize("value, problem", [(float("nan"), "1 NaN/Inf value"), (float("inf"), "1 NaN/Inf value"),
+                                            (1.5, r"values lie in \[0.5, 1.5\], outside the allowed range \[0, 1\]")])
+def test_bad_values_in_a_shard_name_the_key_member_and_shard(tmp_path, value, problem):
+    from webdataset import tarfile_samples
+
+    ds = _npy_shards(tmp_path / "shards")
+    shard = _poke_last_value(ds, 1, value)
+    where = rf"sample 's1' \(member s1.npy of shard '{re.escape(str(shard))}'\)"
+    with pytest.raises(UserError, match=rf"{where}: image has {problem}.*make_shards.py --overwrite"
+                       if "NaN" in problem else rf"{where}: image {problem}.*make_shards.py --overwrite"):
+        ds[1]
+    assert ds[0]["image"].shape == (1, 2, 2)  # the other samples still read
+    with pytest.raises(UserError, match=rf"shards in .* are invalid: {where}"):
+        validate_shards(tmp_path / "shards")
+    raw = [s for s in tarfile_samples([{"url": str(shard)}]) if s["__key__"] == "s1"]  # the training stream's path
+    with pytest.raises(UserError, match=where):
+        decode_shard_sample(raw[0])
+
+
+def test_write_shards_refuses_nan_naming_key_and_file(image_dir, tmp_path):
+    class WithNaN(ImageFolderDataset):
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            if item["key"] == "d":
+                item["image"][0, 0, 0] = float("nan")
+            return item
+
+    ds = WithNaN(image_dir, image_size=8)
+    for fmt in ("png", "npy"):  # png used to write the NaN as 0, npy as NaN, both silently
+        path = re.escape(str(image_dir / "d.png"))
+        with pytest.raises(UserError, match=rf"sample 'd' \(file '{path}'\): image has 1 NaN/Inf value"):
+            write_shards(ds, tmp_path / fmt, samples_per_shard=2, image_format=fmt)
+        assert not list((tmp_path / fmt).glob("*.tar"))
+
+
+def _rgba(path: Path, alpha: int) -> None:
+    arr = np.full((6, 6, 4), 90, np.uint8)
+    arr[..., 3] = 255
+    arr[2, 3, 3] = alpha
+    _save(path, arr)
+
+
+def test_translucent_alpha_warns_once_naming_the_files(tmp_path):
+    root = tmp_path / "imgs"
+    _rgba(root / "a.png", 255)  # opaque: dropped without a word
+    _rgba(root / "b.png", 0)
+    _rgba(root / "c.png", 128)
+    _save(root / "d.png", np.stack([np.full((6, 6), 200, np.uint8), np.full((6, 6), 255, np.uint8)], -1))  # LA
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = ImageFolderDataset(tmp_path / "imgs", image_size=None)
+        quiet[0], quiet[3]
+    ds = ImageFolderDataset(root, image_size=None)  # cheap check: warned when the first translucent file is read
+    with pytest.warns(UserWarning, match=r"image '.*b.png' \(sample 'b'\) has a non-opaque alpha channel, which is "
+                                         r"dropped when it is converted to RGB.*a.png, b.png, c.png.*flatten"):
+        for i in range(len(ds)):
+            ds[i]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per dataset
+        ds[2]
+    torch.testing.assert_close(ds[1]["image"], torch.full((3, 6, 6), 90 / 255))  # colours kept, alpha dropped
+    with pytest.warns(UserWarning) as record:  # full check: at construction, exactly the translucent files
+        ImageFolderDataset(root, image_size=None, mode="L", full_check=True)
+    (message,) = [str(w.message) for w in record if "alpha" in str(w.message)]
+    assert message.startswith(f"2 image(s) under {str(root)!r} have a non-opaque alpha channel")
+    assert "converted to L: b.png, c.png;" in message
+
+
+def test_float_image_outside_unit_range_names_key_and_file(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(root / "ok.tif")
+    Image.fromarray(np.full((4, 4), 2.0, np.float32)).save(root / "hot.tif")
+    ds = ImageFolderDataset(root, image_size=None, mode="L", extensions=(".tif",))
+    torch.testing.assert_close(ds[1]["image"], torch.full((1, 4, 4), 0.5))  # float taken as is, not quantised
+    path = re.escape(str(root / "hot.tif"))
+    with pytest.raises(UserError, match=rf"sample 'hot': image '{path}': image values lie in \[2, 2\]"):
+        ds[0]
 
 
 # ---------------------------------------------------------------------------------------------------------- phantoms

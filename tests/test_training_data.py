@@ -3,6 +3,8 @@ checks, the conf/data training configs. Ranks are simulated with set_distributed
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from diffinv_pl.data.training import (
     ShardTrainingDataModule,
     UnpaddedDistributedSampler,
 )
+from diffinv_pl.errors import UserError
 
 from conftest import compose
 
@@ -69,6 +72,21 @@ def test_in_memory_dataset_validates(tmp_path):
         InMemoryImageDataset(torch.rand(2, 4, 4))
     with pytest.raises(ValueError, match="2 keys for 3"):
         InMemoryImageDataset(torch.rand(3, 1, 2, 2), keys=["a", "b"])
+
+
+def test_in_memory_bad_values_name_the_key_and_file(tmp_path):
+    images = np.full((4, 1, 3, 3), 0.5, dtype=np.float32)
+    images[2, 0, 1, 1] = np.nan
+    np.save(tmp_path / "nan.npy", images)
+    source = re.escape(str(tmp_path / "nan.npy"))
+    with pytest.raises(UserError, match=rf"{source}: 1 image\(s\) contain NaN or infinite values, "
+                                        r"first image 2 \(key 'image_00002'\); clean or drop them"):
+        InMemoryImageDataset(tmp_path / "nan.npy")
+    images[2, 0, 1, 1] = 0.5
+    images[1:3] *= 3.0
+    with pytest.raises(UserError, match=r"images: 2 image\(s\) have values outside the allowed range \[0, 1\], "
+                                        r"first image 1 \(key 'b'\) in \[1.5, 1.5\]; rescale"):
+        InMemoryImageDataset(images, keys=["a", "b", "c", "d"])
 
 
 def test_image_module_equal_disjoint_batches_per_rank():

@@ -15,6 +15,10 @@ Layout written by :func:`write_shards` into ``out_dir``:
 
 Keys must be unique and representable by webdataset, which splits a member name at the first dot of its last path
 component: a key may contain "/" but no "." after its last "/".
+
+Values: images are finite and in [0, 1] (PNG members decode to value / 255; npy members are used as stored).
+:func:`write_shards` refuses a sample with NaN/Inf or out-of-range values, and reading a member that has them
+(:func:`decode_image`) raises a :class:`~diffinv_pl.errors.UserError` naming the sample key, the shard and the fix.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -32,12 +35,17 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from diffinv_pl.data.images import check_image_values
+from diffinv_pl.errors import UserError, UserFileError
+from diffinv_pl.utils.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "diffinv-shard-index-v1"
 SHARD_PATTERN = "shard-%06d.tar"
 IMAGE_FORMATS = ("png", "npy")
+REWRITE_HINT = "rewrite the shards from clean data with data_prep/make_shards.py --overwrite"
 
 
 def write_shards(
@@ -53,11 +61,11 @@ def write_shards(
     from webdataset import ShardWriter
 
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        raise UserError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"unknown image_format {image_format!r}; valid: {', '.join(IMAGE_FORMATS)}")
+        raise UserError(f"unknown image_format {image_format!r}; valid: {', '.join(IMAGE_FORMATS)}")
     if len(dataset) == 0:
-        raise ValueError("the dataset is empty: nothing to write")
+        raise UserError("the dataset is empty: nothing to write; check the input folder")
     out = Path(out_dir)
     index_path = out / INDEX_NAME
     if hasattr(dataset, "keys") and not callable(dataset.keys):
@@ -78,11 +86,15 @@ def write_shards(
             key = sample["key"]
             _check_key(key)
             if key in seen:
-                raise ValueError(f"duplicate sample key {key!r} (samples {seen[key]} and {i})")
+                raise UserError(
+                    f"duplicate sample key {key!r} (samples {seen[key]} and {i}); give every sample its own key"
+                )
             seen[key] = i
             image = sample["image"].detach().cpu()
+            where = _sample_where(dataset, sample, key)
             if image.ndim != 3:
-                raise ValueError(f"sample {key!r}: image must be (C, H, W), got shape {tuple(image.shape)}")
+                raise UserError(f"{where}: image must be (C, H, W), got shape {tuple(image.shape)}")
+            check_image_values(image, where, "fix or remove that input and write the shards again")
             meta = {"key": key, "shape": list(image.shape)}
             meta.update({k: v for k, v in sample.items() if k not in ("key", "image") and _jsonable(v)})
             record = {"__key__": key, "json": meta}
@@ -114,10 +126,22 @@ def write_shards(
         "shards": shards,
         "members": members,
     }
-    tmp = index_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, index_path)
+    atomic_write_text(index_path, json.dumps(index))
     return index_path
+
+
+def _sample_where(dataset, sample: dict, key: str) -> str:
+    """``sample 'key'``, plus the file it came from when the sample has a "path" (relative to ``dataset.root``)."""
+    path = sample.get("path")
+    if not isinstance(path, (str, Path)):
+        return f"sample {key!r}"
+    root = getattr(dataset, "root", None)
+    return f"sample {key!r} (file {str(Path(root) / path if root is not None else path)!r})"
+
+
+def member_where(key: str, image_format: str, shard: str | Path) -> str:
+    """How errors name a shard member: the sample key, the member and the shard file."""
+    return f"sample {key!r} (member {key}.{image_format} of shard {str(shard)!r})"
 
 
 class ShardIndexDataset(Dataset):
@@ -129,31 +153,48 @@ class ShardIndexDataset(Dataset):
         index_path = path / INDEX_NAME if path.is_dir() or not path.suffix else path
         self.root = index_path.parent
         if not index_path.is_file():
-            raise FileNotFoundError(f"no shard index {str(index_path)!r} (write one with write_shards)")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{str(index_path)!r} is not a {INDEX_FORMAT} index (format={index.get('format')!r})")
+            raise UserFileError(
+                f"no shard index {str(index_path)!r}; point the path at a folder written by data_prep/make_shards.py "
+                "(it holds index.json and shard-*.tar)"
+            )
+        try:
+            index = json.loads(index_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"shard index {str(index_path)!r} is not valid JSON ({err}); {REWRITE_HINT}") from err
+        if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+            fmt = index.get("format") if isinstance(index, dict) else None
+            raise UserError(f"{str(index_path)!r} is not a {INDEX_FORMAT} index (format={fmt!r}); {REWRITE_HINT}")
         self.image_format: str = index["image_format"]
         missing = [name for name in index["shards"] if not (self.root / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"shard(s) listed in {str(index_path)!r} are missing: {missing}")
+            raise UserFileError(
+                f"shard(s) listed in {str(index_path)!r} are missing: {missing[:10]}; copy them next to the index "
+                f"or {REWRITE_HINT}"
+            )
         self.keys: list[str] = []
         self._where: list[tuple[str, list[int]]] = []
         for name, keys in index["shards"].items():
             offsets = index["members"][name]
             if len(offsets) != len(keys):
-                raise ValueError(f"{str(index_path)!r}: shard {name} lists {len(keys)} keys but {len(offsets)} offsets")
+                raise UserError(
+                    f"{str(index_path)!r}: shard {name} lists {len(keys)} keys but {len(offsets)} offsets; "
+                    f"{REWRITE_HINT}"
+                )
             end = max((max(o[0] + o[1], o[2] + o[3]) for o in offsets), default=0)
             if (self.root / name).stat().st_size < end:
-                raise ValueError(f"shard {str(self.root / name)!r} is shorter than its index says (truncated?)")
+                raise UserError(
+                    f"shard {str(self.root / name)!r} is shorter than its index says (truncated copy?); copy it "
+                    f"again or {REWRITE_HINT}"
+                )
             self.keys += keys
             self._where += [(name, o) for o in offsets]
         dup = sorted(k for k, n in Counter(self.keys).items() if n > 1)
         if dup:
-            raise ValueError(f"{str(index_path)!r} lists duplicate keys: {dup[:10]}")
+            raise UserError(f"{str(index_path)!r} lists duplicate keys: {dup[:10]}; {REWRITE_HINT}")
         if len(self.keys) != index["num_samples"]:
-            raise ValueError(
-                f"{str(index_path)!r}: num_samples={index['num_samples']} but the shards list {len(self.keys)} keys"
+            raise UserError(
+                f"{str(index_path)!r}: num_samples={index['num_samples']} but the shards list {len(self.keys)} keys; "
+                f"{REWRITE_HINT}"
             )
         self._position = {k: i for i, k in enumerate(self.keys)}
 
@@ -177,32 +218,35 @@ class ShardIndexDataset(Dataset):
             data = f.read(img_size)
             f.seek(json_off)
             meta = json.loads(f.read(json_size))
-        image = decode_image(data, self.image_format, f"sample {self.keys[index]!r} in {str(self.root / name)!r}")
+        where = member_where(self.keys[index], self.image_format, self.root / name)
+        image = decode_image(data, self.image_format, where)
         return {"key": self.keys[index], "image": image, "meta": meta}
 
 
 def decode_image(data: bytes, image_format: str, where: str) -> torch.Tensor:
-    """A shard member as a (C, H, W) float32 tensor: 8-bit L / RGB PNG -> value / 255, npy as stored. ``where``
-    names the sample in errors."""
+    """A shard member as a (C, H, W) tensor in [0, 1]: 8-bit L / RGB PNG -> float32 value / 255, npy as stored.
+    ``where`` names the sample in errors (:func:`member_where`); a member that does not decode, or an npy member
+    with NaN/Inf or values outside [0, 1], raises a :class:`UserError`."""
     if image_format == "png":
         try:
             with Image.open(io.BytesIO(data)) as im:
                 arr = np.asarray(im)
         except Exception as err:  # noqa: BLE001 (any decoder failure means a corrupt member)
-            raise ValueError(f"{where}: PNG does not decode ({type(err).__name__}: {err})") from err
+            raise UserError(f"{where}: PNG does not decode ({type(err).__name__}: {err}); {REWRITE_HINT}") from err
         if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-            raise ValueError(
-                f"{where}: PNG must be 8-bit L or RGB, got dtype {arr.dtype} shape {arr.shape} (write shards with "
-                "diffinv_pl.data.shards.write_shards)"
+            raise UserError(
+                f"{where}: PNG must be 8-bit L or RGB, got dtype {arr.dtype} shape {arr.shape}; {REWRITE_HINT}"
             )
         image = torch.from_numpy(arr.copy()).to(torch.float32) / 255.0
         return image[None] if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
     if image_format == "npy":
         try:
-            return torch.from_numpy(np.lib.format.read_array(io.BytesIO(data), allow_pickle=False))
+            image = torch.from_numpy(np.lib.format.read_array(io.BytesIO(data), allow_pickle=False))
         except Exception as err:  # noqa: BLE001
-            raise ValueError(f"{where}: npy does not decode ({type(err).__name__}: {err})") from err
-    raise ValueError(f"unknown image_format {image_format!r}; valid: {', '.join(IMAGE_FORMATS)}")
+            raise UserError(f"{where}: npy does not decode ({type(err).__name__}: {err}); {REWRITE_HINT}") from err
+        check_image_values(image, where, REWRITE_HINT)
+        return image
+    raise UserError(f"unknown image_format {image_format!r}; valid: {', '.join(IMAGE_FORMATS)}")
 
 
 def validate_shards(out_dir: str | Path) -> dict[str, int]:
@@ -210,8 +254,8 @@ def validate_shards(out_dir: str | Path) -> dict[str, int]:
 
     Checks: the index (format, listed shards present and long enough, unique keys, counts: see
     :class:`ShardIndexDataset`); streamed in tar order with webdataset, every shard holds exactly the keys the index
-    lists, each with its image and JSON member; every image decodes to the shape its JSON records and is finite.
-    Raises ValueError naming every problem found (at most 20).
+    lists, each with its image and JSON member; every image decodes to the shape its JSON records, finite and in
+    [0, 1]. Raises a :class:`UserError` naming every problem found (at most 20).
     """
     from webdataset import tarfile_samples
 
@@ -228,27 +272,24 @@ def validate_shards(out_dir: str | Path) -> dict[str, int]:
     for i, key in enumerate(dataset.keys):
         try:
             sample = dataset[i]
-        except (ValueError, json.JSONDecodeError) as err:
-            problems.append(str(err))
+        except (ValueError, json.JSONDecodeError) as err:  # UserError is a ValueError; the fix is said once below
+            problems.append(str(err).replace(f"; {REWRITE_HINT}", ""))
             continue
         image, shape = sample["image"], sample["meta"].get("shape")
         if shape is not None and list(image.shape) != list(shape):
             problems.append(f"sample {key!r}: image shape {list(image.shape)} but its JSON records {shape}")
-        if not bool(torch.isfinite(image).all()):
-            problems.append(f"sample {key!r}: image has NaN/Inf values")
     if problems:
         more = f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""
-        raise ValueError(f"shards in {str(dataset.root)!r} are invalid: " + "; ".join(problems[:20]) + more)
+        raise UserError(
+            f"shards in {str(dataset.root)!r} are invalid: " + "; ".join(problems[:20]) + more + f"; {REWRITE_HINT}"
+        )
     return counts
 
 
 def _png_array(key: str, image: torch.Tensor) -> tuple[np.ndarray, float]:
     """(H, W) or (H, W, 3) uint8 for webdataset's PNG encoder (which would truncate floats, not round them)."""
     if image.shape[0] not in (1, 3):
-        raise ValueError(f"sample {key!r}: PNG needs 1 or 3 channels, got {image.shape[0]}; use image_format='npy'")
-    lo, hi = float(image.min()), float(image.max())
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"sample {key!r}: image values must lie in [0, 1] for PNG, got [{lo:.4g}, {hi:.4g}]")
+        raise UserError(f"sample {key!r}: PNG needs 1 or 3 channels, got {image.shape[0]}; use image_format='npy'")
     q = (image.to(torch.float32) * 255.0).round()
     err = float((q / 255.0 - image).abs().max())
     arr = q.to(torch.uint8).permute(1, 2, 0).numpy()
@@ -273,10 +314,11 @@ def _member_offsets(shard: Path, keys: list[str], image_format: str) -> list[lis
 
 def _check_key(key) -> None:
     if not isinstance(key, str) or not key:
-        raise ValueError(f"sample keys must be non-empty strings, got {key!r}")
+        raise UserError(f"sample keys must be non-empty strings, got {key!r}")
     if "." in key.rsplit("/", 1)[-1] or key.startswith("/") or key.startswith("_"):
-        raise ValueError(
-            f"sample key {key!r} cannot be a webdataset key (no '.' after the last '/', no leading '/' or '_')"
+        raise UserError(
+            f"sample key {key!r} cannot be a webdataset key (no '.' after the last '/', no leading '/' or '_'); "
+            "rename the file"
         )
 
 
@@ -285,7 +327,7 @@ def _check_keys(keys: list[str]) -> None:
         _check_key(k)
     dup = sorted(k for k, n in Counter(keys).items() if n > 1)
     if dup:
-        raise ValueError(f"duplicate sample keys: {dup[:10]}")
+        raise UserError(f"duplicate sample keys: {dup[:10]}; give every sample its own key")
 
 
 def _jsonable(value) -> bool:

@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from diffinv_pl.data.distributed import rank_indices
 from diffinv_pl.data.images import ImageFolderDataset
-from diffinv_pl.data.shards import IMAGE_FORMATS, INDEX_NAME, ShardIndexDataset, decode_image
+from diffinv_pl.data.shards import IMAGE_FORMATS, INDEX_NAME, ShardIndexDataset, decode_image, member_where
+from diffinv_pl.errors import UserError, UserFileError
 from diffinv_pl.utils.seeding import hash_seed
 
 MAX_LISTED_FILES = 5
@@ -63,22 +64,30 @@ class InMemoryImageDataset(Dataset):
             images = _load_array(Path(images))
         images = torch.as_tensor(images)
         if images.ndim != 4:
-            raise ValueError(f"{source}: expected an (N, C, H, W) array, got shape {tuple(images.shape)}")
+            raise UserError(f"{source}: expected an (N, C, H, W) array, got shape {tuple(images.shape)}")
         if images.shape[0] == 0:
-            raise ValueError(f"{source}: no images (shape {tuple(images.shape)})")
+            raise UserError(f"{source}: no images (shape {tuple(images.shape)})")
         images = images.to(torch.float32)
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError(f"{source}: images contain NaN or infinite values")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(
-                f"{source}: image values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}] (8-bit data: divide by 255)"
-            )
         keys = [f"image_{i:05d}" for i in range(len(images))] if keys is None else list(keys)
         if len(keys) != len(images):
-            raise ValueError(f"{source}: {len(keys)} keys for {len(images)} images")
+            raise UserError(f"{source}: {len(keys)} keys for {len(images)} images; give one key per image")
         if not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys):
-            raise ValueError(f"{source}: keys must be unique non-empty strings")
+            raise UserError(f"{source}: keys must be unique non-empty strings")
+        flat = images.flatten(1)
+        nonfinite = (~torch.isfinite(flat)).any(1).nonzero().flatten().tolist()
+        if nonfinite:
+            raise UserError(
+                f"{source}: {len(nonfinite)} image(s) contain NaN or infinite values, first image {nonfinite[0]} "
+                f"(key {keys[nonfinite[0]]!r}); clean or drop them"
+            )
+        outside = ((flat < 0.0) | (flat > 1.0)).any(1).nonzero().flatten().tolist()
+        if outside:
+            first = images[outside[0]]
+            raise UserError(
+                f"{source}: {len(outside)} image(s) have values outside the allowed range [0, 1], first image "
+                f"{outside[0]} (key {keys[outside[0]]!r}) in [{float(first.min()):.4g}, {float(first.max()):.4g}]; "
+                "rescale the data to [0, 1] (8-bit data: divide by 255)"
+            )
         self.images: Tensor = images
         self.keys: list[str] = keys
 
@@ -93,15 +102,15 @@ class InMemoryImageDataset(Dataset):
 
 def _load_array(path: Path) -> Tensor | np.ndarray:
     if not path.is_file():
-        raise FileNotFoundError(f"image array file {str(path)!r} does not exist")
+        raise UserFileError(f"image array file {str(path)!r} does not exist; check the path (a .npy or .pt file)")
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False)
     if path.suffix == ".pt":
         data = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(data, Tensor):
-            raise ValueError(f"{str(path)!r} holds a {type(data).__name__}, not a tensor")
+            raise UserError(f"{str(path)!r} holds a {type(data).__name__}, not a tensor; save one (N, C, H, W) tensor")
         return data
-    raise ValueError(f"{str(path)!r}: unsupported file type {path.suffix!r}; use .npy or .pt")
+    raise UserError(f"{str(path)!r}: unsupported file type {path.suffix!r}; use .npy or .pt")
 
 
 def collate_images(samples: Sequence[dict]) -> dict:
@@ -116,11 +125,12 @@ def collate_images(samples: Sequence[dict]) -> dict:
 
 
 def check_channels(channels: int, expected: int, source: str) -> None:
-    """Raise a ValueError naming ``source`` and the fix when the data's channel count is not the model's."""
+    """Raise a UserError naming ``source``, both counts and the fix when the data's channel count is not the
+    model's (checked in ``setup``, before the first training step)."""
     if channels != expected:
-        raise ValueError(
-            f"data has {channels} channel(s) but the model expects {expected} ({source}); set mode: L (1 channel) or "
-            f"RGB (3 channels) in the data config, or the model's in_channels to {channels}"
+        raise UserError(
+            f"data has {channels} channel(s) but the model expects {expected} ({source}): set the data's mode "
+            f"(data.train.mode=L for 1 channel, RGB for 3) or the model's channels (model.net.image_channels={channels})"
         )
 
 
@@ -388,7 +398,12 @@ def _dataset_shape(dataset: Dataset, check_sizes: bool) -> tuple[int, int, int]:
         )
     lo, hi = float(image.min()), float(image.max())
     if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
-        raise ValueError(f"{describe(dataset)}: image {item['key']!r} has values in [{lo:.4g}, {hi:.4g}], not [0, 1]")
+        path = item.get("path")
+        raise UserError(
+            f"{describe(dataset)}: image {item['key']!r}" + (f" (file {str(path)!r})" if path is not None else "")
+            + f" has values in [{lo:.4g}, {hi:.4g}], not in the allowed range [0, 1]; fix the data "
+            "(8-bit data: divide by 255)"
+        )
     return tuple(image.shape)
 
 
@@ -419,11 +434,14 @@ def decode_shard_sample(sample: dict) -> dict:
     """A raw webdataset sample (``__key__``, ``png`` or ``npy`` bytes) as ``{"key", "image" (C, H, W) float32}``,
     decoded like :class:`~diffinv_pl.data.shards.ShardIndexDataset` (:func:`~diffinv_pl.data.shards.decode_image`)."""
     key = sample["__key__"]
-    where = f"sample {key!r} in {sample.get('__url__')!r}"
     formats = [f for f in IMAGE_FORMATS if f in sample]
     if not formats:
         members = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"{where} has no .png or .npy member (has {members})")
+        raise UserError(
+            f"sample {key!r} in shard {sample.get('__url__')!r} has no .png or .npy member (has {members}); write "
+            "the shards with data_prep/make_shards.py"
+        )
+    where = member_where(key, formats[0], sample.get("__url__"))
     return {"key": key, "image": decode_image(sample[formats[0]], formats[0], where)}
 
 

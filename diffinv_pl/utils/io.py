@@ -1,4 +1,8 @@
-"""Atomic file writes: a finished file is either the old one or the complete new one, never a partial one."""
+"""Atomic file writes: a finished file is either the old one or the complete new one, never a partial one.
+
+The finished file gets the mode any file the process creates gets, ``0o666 & ~umask`` (e.g. 0644 under the usual
+umask 022), not the 0600 of the temporary file it was written to.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import csv
 import io
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +20,30 @@ import torch
 from PIL import Image
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: ``/proc/self/status``); elsewhere
+    by setting and restoring it under a lock, with 0o077 meanwhile so a file another thread creates in that instant
+    is at worst too private, never too open."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        os.umask(old)
+    return old
+
+
 def atomic_write_with(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a hidden, uniquely named temporary file beside ``path`` (e.g. ``image.save``), then move
-    it onto ``path`` with ``os.replace``; the temporary file is removed if ``write`` fails."""
+    it onto ``path`` with ``os.replace``; the temporary file is removed if ``write`` fails. The finished file's mode
+    is ``0o666 & ~umask``, like any file the user creates (``mkstemp``'s 0600 is not kept)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -25,6 +51,7 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], object]) -> Path
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
