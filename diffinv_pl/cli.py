@@ -48,8 +48,12 @@ def run_evaluation(cfg: DictConfig) -> list[dict]:
 
     from diffinv_pl.utils.loggers import instantiate_loggers
 
+    from diffinv_pl.errors import UserError
+    from diffinv_pl.utils.devices import check_trainer_devices
+
     if "task" not in cfg or cfg.task is None:
-        raise ValueError("no evaluation task configured: choose one with task=<name> or experiment=<name>")
+        raise UserError("no evaluation task configured: choose one with task=<name> or experiment=<name>")
+    check_trainer_devices(cfg.get("trainer"))
     overrides = {}
     if "settings" in cfg.task and cfg.task.settings is None:
         overrides["settings"] = _results_settings(cfg)
@@ -59,7 +63,7 @@ def run_evaluation(cfg: DictConfig) -> list[dict]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if isinstance(task, L.LightningModule):
         if cfg.get("datamodule") is None:
-            raise ValueError("a LightningModule evaluation task needs a `datamodule` config (task=reconstruction sets it)")
+            raise UserError("a LightningModule evaluation task needs a `datamodule` config (task=reconstruction sets it)")
         datamodule = instantiate(cfg.datamodule, _convert_="all")
         trainer = instantiate(cfg.trainer, logger=loggers or False)
         results = trainer.test(task, datamodule=datamodule, verbose=False)

@@ -557,3 +557,73 @@ def test_saved_checkpoint_description_is_what_the_task_built(patch, ema, tmp_pat
     torch.save(ckpt, tmp_path / "unknown.ckpt")
     with pytest.raises(ValueError, match=r"unknown prior checkpoint description field\(s\) \['halflife'\]"):
         load_diffusion_prior(tmp_path / "unknown.ckpt")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# user errors and epoch values after a resume (issue 10, items 3 and 5)
+
+
+class _RecordEpochMetrics(L.pytorch.loggers.Logger):
+    """Logger keeping the epoch-level train/loss_sigma_* values per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: dict[int, dict[str, float]] = {}
+
+    @property
+    def name(self):
+        return "record"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        bands = {k: float(v) for k, v in metrics.items() if k.startswith("train/loss_sigma_")}
+        if bands:
+            self.epochs.setdefault(int(metrics["epoch"]), {}).update(bands)
+
+
+def test_epoch_band_losses_after_a_resume_cover_the_whole_epoch_or_are_labelled_partial(tmp_path):
+    # 2 epochs of 4 steps, a checkpoint every 2 steps. Resumed from step 6 (mid-epoch 2), the run's epoch-2
+    # train/loss_sigma_<band> equal the uninterrupted run's (before: the mean of the 2 post-resume batches only); from
+    # a checkpoint without the stored sums the resumed epoch's values are logged as train/loss_sigma_<band>_partial.
+    def fit(root, ckpt_path=None):
+        L.seed_everything(0)
+        task = _tiny_task(patch=True, sigma_bands=(0.5,))
+        record = _RecordEpochMetrics()
+        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_train_steps=2)
+        trainer = _trainer(root, max_epochs=2, callbacks=[ckpt], logger=record, log_every_n_steps=1)
+        trainer.fit(task, datamodule=_phantom_data(), ckpt_path=ckpt_path)
+        return record.epochs
+
+    full = fit(tmp_path / "full")
+    assert sorted(full) == [0, 1] and sorted(full[1]) == ["train/loss_sigma_ge0.5", "train/loss_sigma_lt0.5"]
+    resumed = fit(tmp_path / "resumed", tmp_path / "full" / "epoch=1-step=6.ckpt")
+    assert sorted(resumed) == [1] and resumed[1].keys() == full[1].keys()
+    for name, value in full[1].items():
+        assert resumed[1][name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    old = tmp_path / "old.ckpt"  # e.g. a checkpoint written before the sums were stored
+    checkpoint = torch.load(tmp_path / "full" / "epoch=1-step=6.ckpt", weights_only=True)
+    del checkpoint["diffinv_pl_epoch_bands"]
+    torch.save(checkpoint, old)
+    partial = fit(tmp_path / "from_old", old)
+    assert partial[1] and all(name.endswith("_partial") for name in partial[1]), partial
+
+
+def test_channel_mismatch_is_a_user_error_naming_both_counts_and_the_override(tmp_path):
+    from diffinv_pl.errors import UserError
+
+    task = DiffusionTask({**TINY_NET, "image_channels": 3}, image_channels=3, data_range=(0.0, 1.0))
+    with pytest.raises(UserError, match=r"1 channel\(s\) but the model expects 3.*model.net.image_channels=1"):
+        _trainer(tmp_path, max_steps=1).fit(task, datamodule=_phantom_data())
+    with pytest.raises(UserError, match=r"model.image_channels=3 but the network denoises 1.*model.net.image_channels"):
+        DiffusionTask(TINY_NET, image_channels=3)
+    data = ImageTrainingDataModule(
+        train=CTPhantomDataset(8, seed=11, size=16), val=None, batch_size=4, expected_channels=3
+    )
+    with pytest.raises(UserError, match=r"data has 1 channel\(s\) but the model expects 3.*model.net.image_channels=1"):
+        data.setup("fit")

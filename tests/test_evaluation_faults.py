@@ -80,6 +80,12 @@ def test_setup_errors_come_before_any_write_and_never_block_the_corrected_run(tm
     assert row["num_samples"] == 2
 
 
+def test_gpu_trainer_without_a_gpu_is_refused_naming_the_cpu_trainers(tmp_path):
+    with pytest.raises(UserError, match="trainer=cpu"):
+        run_evaluation(_cfg(tmp_path / "gpu", "trainer=gpu"))
+    assert not (tmp_path / "gpu").exists()
+
+
 def test_unwritable_output_directory_is_refused_before_solving(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

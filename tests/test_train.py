@@ -165,3 +165,111 @@ def test_training_into_a_directory_with_checkpoints_is_refused_unless_resuming(t
     metrics = run_training(_train_cfg(tmp_path, 2, f"ckpt_path={last}"))  # resuming the run is allowed
     assert math.isfinite(metrics["train/loss"])
     run_training(_train_cfg(tmp_path, 1, "overwrite=true"))  # explicit replacement is allowed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# user errors before training, and last.ckpt (issue 10, items 3 and 5)
+
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+
+
+def test_last_checkpoint_holds_the_final_step_with_checkpoint_every_n_steps(tmp_path):
+    # 1280 / 256 = 5 steps per epoch, a checkpoint every 3 steps: last.ckpt held step 3 before (steps 4-5 were lost)
+    small = ["data.num_train=1280", "++trainer.limit_val_batches=1", "checkpoint_every_n_steps=3"]
+    run_training(_train_cfg(tmp_path, 1, *small))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    run_training(_train_cfg(tmp_path, 2, *small, f"ckpt_path={last}"))  # and it resumes to the end of epoch 2
+    assert torch.load(last, weights_only=True)["global_step"] == 10
+
+
+def test_gpu_trainer_without_a_gpu_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from diffinv_pl.errors import UserError
+    from diffinv_pl.utils.devices import check_trainer_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for trainer in ("gpu", "ddp"):
+        with pytest.raises(UserError, match=r"asks for a GPU \(trainer.accelerator=gpu\).*trainer=cpu.*trainer=ddp_sim"):
+            run_training(_train_cfg(tmp_path / trainer, 1, f"trainer={trainer}"))
+        assert not (tmp_path / trainer).exists()
+    for trainer in ("cpu", "ddp_sim"):
+        check_trainer_devices(_train_cfg(tmp_path, 1, f"trainer={trainer}").trainer)
+    for bad in ({"accelerator": "cuda"}, {"devices": [0, 1]}, {"accelerator": "cpu", "strategy": "deepspeed"}):
+        with pytest.raises(UserError, match="trainer=cpu"):
+            check_trainer_devices(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_trainer_devices(_train_cfg(tmp_path, 1, "trainer=ddp").trainer)
+
+
+def test_bad_ckpt_path_is_refused_before_training(tmp_path):
+    from diffinv_pl.errors import UserError, UserFileError
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    cases = [
+        (tmp_path / "missing.ckpt", UserFileError, r"missing.ckpt does not exist"),
+        (tmp_path, UserFileError, r"is a directory"),
+        (notes, UserError, r"notes.txt is not a PyTorch checkpoint"),
+        (foreign, UserError, r"foreign.ckpt is not a training checkpoint of diffinv_pl"),
+    ]
+    for path, kind, match in cases:
+        with pytest.raises(kind, match=match + r".*ckpt_path=<run>/checkpoints/last.ckpt"):
+            run_training(_train_cfg(tmp_path / "run", 1, f"ckpt_path={path}"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_directory_is_refused_before_training(tmp_path):
+    from diffinv_pl.errors import UserError
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match=r"cannot write to the output directory .*afile/run.*paths.output_dir"):
+        run_training(_train_cfg(tmp_path / "afile" / "run", 1))
+    if os.geteuid() != 0:  # root writes into a read-only directory anyway
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        try:
+            with pytest.raises(UserError, match=r"cannot write to the output directory .*locked.*Permission denied"):
+                run_training(_train_cfg(locked, 1))
+        finally:
+            locked.chmod(0o700)
+    # the older refusals are user errors too (and keep their FileExistsError / ValueError types)
+    (tmp_path / "done" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "done" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        run_training(_train_cfg(tmp_path / "done", 1))
+    with pytest.raises(UserError, match="experiment=<name>"):
+        run_training(compose("train", [f"paths.output_dir={tmp_path}"]))
+
+
+def test_train_cli_reports_user_errors_in_one_line_without_training(tmp_path):
+    # Before: a 15-20 frame traceback each, and for the unwritable output directory a whole epoch of training first.
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    cases = {
+        "gpu": (["experiment=gmm_denoiser", "trainer=gpu"], ["trainer=cpu", "trainer=ddp_sim"]),
+        "ckpt": (
+            ["experiment=gmm_denoiser", f"ckpt_path={tmp_path / 'notes.txt'}"], ["notes.txt", "checkpoints/last.ckpt"]
+        ),
+        "readonly": (
+            ["experiment=gmm_denoiser", f"paths.output_dir={tmp_path / 'afile' / 'run'}"], ["afile/run", "paths.output_dir"]
+        ),
+        "channels": (
+            ["experiment=padis_ct_tiny", "model.net.image_channels=3", "data.train.num_images=16", "data.val.num_images=8"],
+            ["1 channel(s) but the model expects 3", "model.net.image_channels=1"],
+        ),
+    }
+    procs = {}
+    for name, (overrides, _) in cases.items():  # concurrently: each run is mostly start-up
+        run = [f"paths.output_dir={tmp_path / name}", *overrides, f"hydra.run.dir={tmp_path / 'hydra' / name}", *QUIET]
+        procs[name] = subprocess.Popen(
+            [sys.executable, "train.py", *run], cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    for name, (_, needles) in cases.items():
+        out, err = procs[name].communicate(timeout=120)
+        assert procs[name].returncode == 2, (name, err[-3000:])
+        assert "Traceback" not in err and "Traceback" not in out, (name, err[-3000:])
+        (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert all(needle in line for needle in needles), (name, line)
+        assert not (tmp_path / name / "checkpoints").exists() and not list(tmp_path.rglob("*.ckpt")), name

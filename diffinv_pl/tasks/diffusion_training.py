@@ -23,12 +23,19 @@ schedule, beta = 0.5 ** (images per step / min(halflife_images, rampup_ratio * i
 warm-up over ``warmup_steps`` optimizer steps; non-finite gradients set to zero (EDM); gradient clipping and mixed
 precision come from the Trainer (``trainer.gradient_clip_val``, ``trainer.precision=bf16-mixed``).
 
-Logged: ``train/loss``; ``train/loss_sigma_<band>`` (mean loss of the examples whose sigma falls in each band of
-``sigma_bands``); ``val/loss`` (EMA model, fixed noise per validation batch); for images ``val/psnr_gain_sigma<s>``
-(PSNR of D(x + s n) minus PSNR of x + s n, in dB on the data range, whole images, patch models through the
-assembled denoiser); for data modules exposing an exact ``prior`` (GMM) ``val/mse_vs_exact``; every
-``sample_every_n_epochs`` a grid of EMA samples (EDM Heun sampler) saved as PNG under ``<log dir>/samples`` and sent
-to W&B when a W&B logger is attached.
+Logged: ``train/loss``; ``train/loss_sigma_<band>`` (per epoch: mean loss of the epoch's examples whose sigma falls in
+each band of ``sigma_bands``; each rank sums its own batches, rank 0's values are logged); ``val/loss`` (EMA model,
+fixed noise per validation batch); for images ``val/psnr_gain_sigma<s>`` (PSNR of D(x + s n) minus PSNR of x + s n, in
+dB on the data range, whole images, patch models through the assembled denoiser); for data modules exposing an exact
+``prior`` (GMM) ``val/mse_vs_exact``; every ``sample_every_n_epochs`` a grid of EMA samples (EDM Heun sampler) saved
+as PNG under ``<log dir>/samples`` and sent to W&B when a W&B logger is attached.
+
+Epoch values after a mid-epoch resume (``checkpoint_every_n_steps``): the per-band sums and counts of the epoch in
+progress are stored in every checkpoint (``checkpoint["diffinv_pl_epoch_bands"]``) and restored on resume, so
+``train/loss_sigma_<band>`` of the resumed epoch covers the whole epoch and equals the uninterrupted run's. Where they
+cannot be restored (a checkpoint without them, or a DDP rank other than 0, whose sums the checkpoint does not hold)
+the resumed epoch's values cover only the batches after the resume and are logged as
+``train/loss_sigma_<band>_partial`` instead.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from diffinv_pl.diffusion.losses import build_objective, denoising_loss
 from diffinv_pl.diffusion.schedules import edm_sigmas
 from diffinv_pl.diffusion.steps import heun_step
+from diffinv_pl.errors import UserError
 from diffinv_pl.priors.analytic import GaussianMixture
 from diffinv_pl.priors.checkpoints import PriorCheckpointDescription, objective_sigma_range
 from diffinv_pl.priors.base import Prior
@@ -94,6 +102,10 @@ class DiffusionTask(L.LightningModule):
         inference_patch_size: P of the assembled whole-image denoiser of a patch model (None: the largest training
             patch size).
         seed: seed of every training and validation random draw.
+
+    Epoch-level ``train/loss_sigma_<band>`` after a mid-epoch resume cover the whole epoch (the epoch's sums are
+    stored in the checkpoint and restored); where they cannot be restored they are logged as
+    ``train/loss_sigma_<band>_partial`` (see the module docstring).
     """
 
     def __init__(
@@ -163,6 +175,11 @@ class DiffusionTask(L.LightningModule):
         self.data_range = tuple(float(v) for v in data_range) if data_range is not None else None
         self.model_range = tuple(float(v) for v in model_range) if model_range is not None else None
         self._images_per_step = 0
+        self._band_sums: Tensor | None = None  # this epoch's per-band loss sums and example counts (float64)
+        self._band_counts: Tensor | None = None
+        self._band_batches = 0  # training batches accumulated in them
+        self._band_epoch = -1  # the epoch they belong to
+        self._partial_epoch = False  # resumed mid-epoch without the sums: the epoch values cover part of the epoch
 
     # ------------------------------------------------------------------------------------------------------------
     # models
@@ -194,12 +211,16 @@ class DiffusionTask(L.LightningModule):
         c = self.hparams.image_channels
         net_c = getattr(network, "image_channels", None)
         if c is not None and net_c is not None and net_c != c:
-            raise ValueError(f"image_channels={c} but the network denoises {net_c} channel(s): make them equal")
+            raise UserError(
+                f"model.image_channels={c} but the network denoises {net_c} channel(s): make them equal "
+                f"(model.net.image_channels sets both)"
+            )
         cond = getattr(network, "cond_channels", None)
         if cond is not None and (cond == 2) != (self.patch is not None):
-            raise ValueError(
+            raise UserError(
                 f"the network has {cond} conditioning channel(s) but patch mode is "
-                f"{'on' if self.patch is not None else 'off'}: patch training needs cond_channels=2, whole images 0"
+                f"{'on' if self.patch is not None else 'off'}: patch training needs cond_channels=2, whole images 0 "
+                "(model.net.cond_channels)"
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -221,14 +242,14 @@ class DiffusionTask(L.LightningModule):
         data_c = getattr(dm, "channels", None)
         model_c = self.hparams.image_channels
         if data_c is not None and model_c is not None and data_c != model_c:
-            raise ValueError(
-                f"the data has {data_c} channel(s) but the model expects {model_c}: set the data's mode (L = 1, "
-                f"RGB = 3) or model.image_channels / model.net.image_channels to match"
+            raise UserError(
+                f"the data has {data_c} channel(s) but the model expects {model_c}: set the data's mode "
+                f"(data.train.mode=L for 1 channel, RGB for 3) or model.net.image_channels={data_c}"
             )
         size = getattr(dm, "image_size", None)
         n = self.patch.convention.image_size if self.patch is not None else None
         if n is not None and size is not None and tuple(size) != (n, n):
-            raise ValueError(f"images are {tuple(size)} px but model.patch.image_size is {n}: make them equal")
+            raise UserError(f"images are {tuple(size)} px but model.patch.image_size is {n}: make them equal")
 
     def _generators(self, stage: str, batch_idx: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
         """(CPU generator for sigma and patches, generator on ``device`` for the noise) of one step."""
@@ -267,20 +288,45 @@ class DiffusionTask(L.LightningModule):
         self._log_sigma_bands(per_example.detach(), sigma)
         return loss
 
-    def _log_sigma_bands(self, per_example: Tensor, sigma: Tensor) -> None:
+    def _band_names(self) -> list[str]:
         edges = [0.0, *self.hparams.sigma_bands, math.inf]
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            inside = (sigma >= lo) & (sigma < hi)
-            count = int(inside.sum())
+        return [
+            f"lt{hi:g}" if lo == 0 else (f"ge{lo:g}" if hi == math.inf else f"{lo:g}-{hi:g}")
+            for lo, hi in zip(edges[:-1], edges[1:])
+        ]
+
+    def _reset_bands(self, device: torch.device | None = None) -> None:
+        n = len(self.hparams.sigma_bands) + 1
+        self._band_sums = torch.zeros(n, dtype=torch.float64, device=device)
+        self._band_counts = torch.zeros(n, dtype=torch.float64, device=device)
+        self._band_batches = 0
+        self._band_epoch = self.current_epoch
+
+    def _log_sigma_bands(self, per_example: Tensor, sigma: Tensor) -> None:
+        """Add one batch to the epoch's per-band sums (logged at epoch end: :meth:`on_train_epoch_end`)."""
+        if self._band_sums is None:
+            self._reset_bands(per_example.device)
+        if self._band_sums.device != per_example.device:  # restored from a checkpoint on the CPU
+            self._band_sums = self._band_sums.to(per_example.device)
+            self._band_counts = self._band_counts.to(per_example.device)
+        edges = torch.tensor(self.hparams.sigma_bands, dtype=sigma.dtype, device=sigma.device)
+        band = torch.bucketize(sigma, edges, right=True).to(per_example.device)  # edges[i-1] <= sigma < edges[i]
+        self._band_sums.index_add_(0, band, per_example.detach().to(torch.float64))
+        self._band_counts.index_add_(0, band, torch.ones_like(band, dtype=torch.float64))
+        self._band_batches += 1
+
+    def on_train_epoch_start(self) -> None:
+        """A fresh epoch (Lightning skips this hook when it resumes mid-epoch, keeping the restored sums)."""
+        self._reset_bands(self.device)
+        self._partial_epoch = False
+
+    def on_train_epoch_end(self) -> None:
+        if self._band_sums is None or self._band_epoch != self.current_epoch:
+            return  # sums of another epoch (restored from a checkpoint written at the end of that epoch)
+        suffix = "_partial" if self._partial_epoch else ""
+        for name, total, count in zip(self._band_names(), self._band_sums.tolist(), self._band_counts.tolist()):
             if count:
-                name = f"lt{hi:g}" if lo == 0 else (f"ge{lo:g}" if hi == math.inf else f"{lo:g}-{hi:g}")
-                self.log(
-                    f"train/loss_sigma_{name}",
-                    per_example[inside.to(per_example.device)].mean(),
-                    on_step=False,
-                    on_epoch=True,
-                    batch_size=count,
-                )
+                self.log(f"train/loss_sigma_{name}{suffix}", total / count, on_step=False, on_epoch=True, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if not self.hparams.zero_nonfinite_grads:
@@ -432,23 +478,61 @@ class DiffusionTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["diffinv_pl"] = self.checkpoint_description().to_dict()
+        if self._band_sums is not None:  # the epoch in progress, for exact epoch values after a mid-epoch resume
+            checkpoint["diffinv_pl_epoch_bands"] = {
+                "global_step": int(self.global_step),
+                "epoch": int(self._band_epoch),
+                "rank": int(self.global_rank),
+                "batches": int(self._band_batches),
+                "sums": self._band_sums.tolist(),
+                "counts": self._band_counts.tolist(),
+                "partial": bool(self._partial_epoch),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restore_bands(checkpoint)
         info = checkpoint.get("diffinv_pl")
         if info is None:
             return
         stored = PriorCheckpointDescription.from_dict(info)
         if (stored.positional_convention is None) != (self.convention is None):
-            raise ValueError(
-                f"checkpoint was trained {'with' if stored.positional_convention else 'without'} patches but this run "
-                f"is {'patch' if self.convention else 'whole-image'} mode"
+            raise UserError(
+                f"the checkpoint was trained {'with' if stored.positional_convention else 'without'} patches but this "
+                f"run is in {'patch' if self.convention else 'whole-image'} mode: resume with the experiment that "
+                "wrote it, or start a new run without ckpt_path"
             )
         if stored.positional_convention is not None:
             self.convention.assert_compatible(stored.positional_convention)
         if stored.image_channels != self.hparams.image_channels:
-            raise ValueError(
-                f"checkpoint has image_channels={stored.image_channels} but this run has {self.hparams.image_channels}"
+            raise UserError(
+                f"the checkpoint has image_channels={stored.image_channels} but this run has "
+                f"{self.hparams.image_channels}: resume with model.net.image_channels={stored.image_channels}, or "
+                "start a new run without ckpt_path"
             )
+
+    def _restore_bands(self, checkpoint: Mapping) -> None:
+        """The per-band sums of the epoch in progress when the checkpoint was written; if the run resumes mid-epoch
+        (Lightning then skips :meth:`on_train_epoch_start`, which resets them), the epoch values cover the whole
+        epoch. Sums of another rank, or none at all, leave the resumed epoch marked partial."""
+        state = checkpoint.get("diffinv_pl_epoch_bands")
+        n = len(self.hparams.sigma_bands) + 1
+        usable = (
+            isinstance(state, Mapping)
+            and int(state.get("global_step", -2)) == int(checkpoint.get("global_step", -1))
+            and int(state.get("rank", -1)) == int(self.global_rank)
+            and len(state.get("sums", ())) == n
+            and len(state.get("counts", ())) == n
+        )
+        if usable:
+            self._band_sums = torch.tensor(state["sums"], dtype=torch.float64)
+            self._band_counts = torch.tensor(state["counts"], dtype=torch.float64)
+            self._band_batches = int(state["batches"])
+            self._band_epoch = int(state.get("epoch", -1))
+            self._partial_epoch = bool(state.get("partial", False))
+        else:
+            self._reset_bands()
+            self._band_epoch = int(checkpoint.get("epoch", -1))
+            self._partial_epoch = True
 
 
 def _psnr(x: Tensor, ref: Tensor, lo: float, hi: float) -> Tensor:
