@@ -153,7 +153,7 @@ def test_channel_mismatch_is_refused(tmp_path):
     folder = ImageFolderDataset(tmp_path, image_size=None, mode="L")
     dm = ImageTrainingDataModule(folder, batch_size=1, expected_channels=3)
     assert dm.channels == 1 and dm.image_size == (4, 4)
-    with pytest.raises(ValueError, match=r"data has 1 channel\(s\) but the model expects 3 .*mode: L .* RGB"):
+    with pytest.raises(UserError, match=r"data has 1 channel\(s\) but the model expects 3 .*data.train.mode=L .* RGB"):
         dm.setup("fit")
     val = InMemoryImageDataset(torch.rand(2, 1, 8, 8))
     with pytest.raises(ValueError, match=r"validation images .* shape \(1, 8, 8\) .* \(1, 4, 4\)"):
