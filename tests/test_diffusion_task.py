@@ -294,10 +294,11 @@ class _RecordLosses(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.parametrize(("where", "kind"), [("epoch_end", "phantoms"), ("mid_epoch", "phantoms"), ("mid_epoch", "shards")])
+@pytest.mark.parametrize(("where", "kind"), [("epoch_end", "phantoms"), ("mid_epoch", "phantoms"), ("mid_epoch", "shards"),
+                                            ("last_batch", "phantoms"), ("last_batch", "shards")])
 def test_resume_from_mid_run_checkpoint_repeats_uninterrupted_losses(where, kind, tmp_path):
     # 4 steps of batch 4 per epoch (16 phantoms, or a shard stream of 4 batches per epoch). Checkpoint after epoch 2
-    # (step 8) or in the middle of epoch 2 (step 6).
+    # (step 8), in the middle of epoch 2 (step 6), or by step count at the last batch of epoch 1 (step 4).
     if kind == "shards":
         write_shards(CTPhantomDataset(16, seed=11, size=16), tmp_path / "shards", samples_per_shard=5)
 
@@ -322,10 +323,14 @@ def test_resume_from_mid_run_checkpoint_repeats_uninterrupted_losses(where, kind
     if where == "epoch_end":
         first, _ = fit(2, tmp_path / "part")
         resume_from = tmp_path / "part" / "last.ckpt"
-    else:
+    elif where == "mid_epoch":
         first, _ = fit(2, tmp_path / "part", every_n_train_steps=6)
         first = first[:6]  # the run went on to step 8; the checkpoint holds step 6
         resume_from = tmp_path / "part" / "epoch=1-step=6.ckpt"
+    else:
+        first, _ = fit(2, tmp_path / "part", every_n_train_steps=4)
+        first = first[:4]  # the checkpoint holds step 4, saved at the last batch of epoch 0
+        resume_from = tmp_path / "part" / "epoch=0-step=4.ckpt"
     rest, task_resumed = fit(4, tmp_path / "part2", ckpt_path=resume_from)
     assert len(full) == 16 and len(first) + len(rest) == 16
     torch.testing.assert_close(torch.tensor(first + rest), torch.tensor(full), rtol=0, atol=1e-6)

@@ -207,9 +207,19 @@ def _batches_done_in_restored_epoch(trainer) -> int:
         return 0
     loop = trainer.fit_loop.epoch_loop
     done = loop.batch_progress.current.processed
-    if not loop.restarting or done >= trainer.num_training_batches:
-        return 0  # a fresh epoch (or an end-of-epoch checkpoint: the next epoch starts from its beginning)
+    # A fresh epoch, or a checkpoint saved at the epoch's last batch (the loader is built before
+    # ``num_training_batches`` is known): the next epoch starts from its beginning.
+    if not loop.restarting or _restored_at_last_batch(trainer) or done >= trainer.num_training_batches:
+        return 0
     return done
+
+
+def _restored_at_last_batch(trainer) -> bool:
+    """True while a trainer restores a checkpoint saved at the last batch of an epoch (by step count): the epoch is
+    over, but Lightning counts it completed only after the loaders were built."""
+    progress = trainer.fit_loop.epoch_progress.current
+    loop = trainer.fit_loop.epoch_loop
+    return bool(loop.restarting and loop.batch_progress.is_last_batch and progress.completed < progress.started)
 
 
 class _TrainingDataModule(L.LightningDataModule):
@@ -658,7 +668,10 @@ class ShardTrainingDataModule(_TrainingDataModule):
         )
 
     def _trainer_epoch(self) -> int | None:
-        return self.trainer.current_epoch if self.trainer is not None else None
+        """The epoch about to be trained (the next one when restoring a checkpoint saved at an epoch's last batch)."""
+        if self.trainer is None:
+            return None
+        return self.trainer.current_epoch + int(_restored_at_last_batch(self.trainer))
 
 
 def _resolve_shards(urls_or_dir: str | Path | Sequence[str]) -> tuple[list[str], list[int] | None]:
