@@ -224,13 +224,13 @@ class DiffusionPrior:
     sigma_range: tuple[float, float] = (0.0, math.inf)
     description: PriorCheckpointDescription | None = None
 
-    def whole_image(self, patch_size: int | None = None) -> Prior:
+    def whole_image(self, patch_size: int | None = None, per_sample_calls: bool = False) -> Prior:
         """The whole-image prior in model-range units: the denoiser itself, or patches assembled on a randomly
         shifted grid (shifts drawn from the generators the solver passes)."""
         if self.convention is None:
             if patch_size is not None:
                 raise ValueError("patch_size is only meaningful for a patch-trained prior; this one is whole-image")
-            return NetworkPrior(self.denoiser, self.model_range, self.image_channels, self.sigma_range)
+            return NetworkPrior(self.denoiser, self.model_range, self.image_channels, self.sigma_range, per_sample_calls)
         return PatchAssembledPrior(
             self.denoiser,
             self.convention,
@@ -238,6 +238,7 @@ class DiffusionPrior:
             data_range=self.model_range,
             image_channels=self.image_channels,
             sigma_range=self.sigma_range,
+            per_sample_calls=per_sample_calls,
         )
 
 
@@ -310,12 +311,15 @@ def trained_prior(
     expected_channels: int | None = None,
     expected_convention: dict | None = None,
     map_location: str = "cpu",
+    per_sample_calls: bool = False,
 ) -> Prior:
     """The whole-image :class:`Prior` of a trained checkpoint on ``data_range`` images (default: the range the prior
     was trained from, stored in the checkpoint); patch priors are assembled on a randomly shifted grid whose shifts
-    come from the solver's per-sample generators. This is what ``prior=trained prior.path=<ckpt>`` gives a solver."""
+    come from the solver's per-sample generators. ``per_sample_calls``: one network call per image, for results
+    bitwise independent of the batch and the number of ranks. This is what ``prior=trained prior.path=<ckpt>`` gives
+    a solver."""
     prior = load_diffusion_prior(path, use_ema, expected_channels, expected_convention, map_location)
-    whole = prior.whole_image(patch_size)
+    whole = prior.whole_image(patch_size, per_sample_calls)
     target = tuple(data_range) if data_range is not None else prior.data_range
     if prior.model_range is None or target is None or tuple(target) == tuple(prior.model_range):
         return whole

@@ -42,6 +42,8 @@ class PatchAssembledPrior(nn.Module, Prior):
         data_range: the image range the patch network was trained on (its noise levels are in these units).
         image_channels: C, checked against the operator's input shape when known.
         sigma_range: the noise levels the denoiser is meant for.
+        per_sample_calls: denoise each image's patches in a network call of their own, so that an image's result is
+            bitwise the same in any batch and on any rank (batched convolutions otherwise sum in another order); slower.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class PatchAssembledPrior(nn.Module, Prior):
         data_range: tuple[float, float] | None = None,
         image_channels: int | None = None,
         sigma_range: tuple[float, float] = (0.0, math.inf),
+        per_sample_calls: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
@@ -66,6 +69,7 @@ class PatchAssembledPrior(nn.Module, Prior):
         self.data_range = None if data_range is None else (float(data_range[0]), float(data_range[1]))
         self.image_channels = image_channels
         self.sigma_range = (float(sigma_range[0]), float(sigma_range[1]))
+        self.per_sample_calls = per_sample_calls
 
     @property
     def patches_per_side(self) -> int:
@@ -148,6 +152,8 @@ class PatchAssembledPrior(nn.Module, Prior):
 
     def _denoise(self, patches: Tensor, sigma: Tensor, pos: Tensor) -> Tensor:
         chunk = self.max_patches_per_call or patches.shape[0]
+        if self.per_sample_calls:  # the patches of one image per call (at most max_patches_per_call)
+            chunk = min(chunk, self.patches_per_side**2)
         outs = [
             self.patch_denoiser(patches[i : i + chunk], sigma[i : i + chunk], pos=pos[i : i + chunk])
             for i in range(0, patches.shape[0], chunk)

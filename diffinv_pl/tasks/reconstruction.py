@@ -9,7 +9,8 @@ Per sample (key k), every random choice comes from generators seeded by (seed, k
 motion kernels) from ``key_generator(seed, k + "/operator")``, measurement noise from ``k + "/measurement"``, and the
 solver's initial state, its noise and the prior's randomness (patch shifts) from ``key_generator(seed, k, run)``,
 passed to the solver as one generator per sample. A sample therefore gets the same reconstruction on any number of
-ranks, in any batch and after a resume, up to floating-point summation order in batched network calls (<= 1e-6).
+ranks, in any batch and after a resume: bitwise for classical solvers and for network priors with
+``per_sample_calls``, otherwise up to the floating-point summation order of batched network calls.
 
 Images arrive in [0, 1]; they are mapped to the operator's ``input_range`` (one affine transform) for measuring and
 solving, and the reconstruction is mapped back and clipped to [0, 1] for metrics and PNGs.
