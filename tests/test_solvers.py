@@ -10,6 +10,7 @@ from diffinv_pl.diffusion import edm_grid, vp_grid
 from diffinv_pl.metrics import mode_weight_tv, random_directions, sliced_wasserstein_1
 from diffinv_pl.operators import MatrixOperator
 from diffinv_pl.priors import GaussianMixture
+from diffinv_pl.priors.base import Prior
 from diffinv_pl.solvers import InverseProblem, dps, get_solver, oracle
 from diffinv_pl.solvers.diffusion_posterior_sampling import dps_guidance
 from diffinv_pl.tasks.gmm_benchmark import initial_state
@@ -50,7 +51,7 @@ def test_dps_golden_values_and_cost_counters():
     grid = vp_grid(10)
     x_init = grid.initial_noise((2, 4), torch.Generator().manual_seed(3), F64)
     steps = []
-    out = dps(problem, prior, x_init, grid=grid, zeta=0.5, generator=torch.Generator().manual_seed(4), callback=steps.append)
+    out = dps(problem, prior, x_init=x_init, grid=grid, zeta=0.5, generator=torch.Generator().manual_seed(4), callback=steps.append)
     golden = torch.tensor(
         [[-0.8594678427485, -0.4226318384523, -1.6324432524183, 0.5890502782156],
          [3.4053987357071, -0.8056216064025, -5.1261970438249, 1.0725566816934]],
@@ -60,7 +61,7 @@ def test_dps_golden_values_and_cost_counters():
     assert out.cost.denoiser_calls == 10 and len(steps) == 10
     assert out.cost.operator_forward_calls == 10 and out.cost.operator_adjoint_calls == 10
     assert out.cost.wall_time_s > 0
-    again = dps(problem, prior, x_init, grid=grid, zeta=0.5, generator=torch.Generator().manual_seed(4))
+    again = dps(problem, prior, x_init=x_init, grid=grid, zeta=0.5, generator=torch.Generator().manual_seed(4))
     assert torch.equal(again.samples, out.samples)  # the generator is the only source of randomness
 
 
@@ -68,9 +69,9 @@ def test_dps_with_zero_step_is_unconditional_ancestral_sampling():
     prior, problem = _small_problem()
     grid = vp_grid(50)
     x_init = grid.initial_noise((3, 4), torch.Generator().manual_seed(0), F64)
-    free = dps(problem, prior, x_init, grid=grid, zeta=0.0, generator=torch.Generator().manual_seed(1)).samples
+    free = dps(problem, prior, x_init=x_init, grid=grid, zeta=0.0, generator=torch.Generator().manual_seed(1)).samples
     unconditional = InverseProblem(problem.y, MatrixOperator(torch.zeros(2, 4, dtype=F64)), 0.1)
-    ref = dps(unconditional, prior, x_init, grid=grid, zeta=1.0, generator=torch.Generator().manual_seed(1)).samples
+    ref = dps(unconditional, prior, x_init=x_init, grid=grid, zeta=1.0, generator=torch.Generator().manual_seed(1)).samples
     assert torch.allclose(free, ref, atol=1e-12)
 
 
@@ -79,22 +80,22 @@ def test_dps_runs_on_an_edm_grid_and_pulls_towards_the_measurement():
     grid = edm_grid(30, sigma_min=0.01, sigma_max=20.0)
     x_init = grid.initial_noise((200, 4), torch.Generator().manual_seed(0), F64)
     op = problem.operator
-    guided = dps(problem, prior, x_init, grid=grid, zeta=0.3, generator=torch.Generator().manual_seed(1)).samples
-    free = dps(problem, prior, x_init, grid=grid, zeta=0.0, generator=torch.Generator().manual_seed(1)).samples
+    guided = dps(problem, prior, x_init=x_init, grid=grid, zeta=0.3, generator=torch.Generator().manual_seed(1)).samples
+    free = dps(problem, prior, x_init=x_init, grid=grid, zeta=0.0, generator=torch.Generator().manual_seed(1)).samples
     err = lambda s: (s @ op.matrix.T - problem.y).norm(dim=-1).mean()  # noqa: E731
     assert err(guided) < 0.5 * err(free)
 
 
 def test_dps_reports_divergence_with_the_step():
-    class NaNDenoiser:
-        def __call__(self, x, sigma):
+    class NaNDenoiser(Prior):
+        def denoise(self, x, sigma, *, generator=None):
             return x * float("nan")
 
     _, problem = _small_problem()
     with pytest.raises(FloatingPointError, match="step 0"):
-        dps(problem, NaNDenoiser(), torch.zeros(1, 4, dtype=F64), grid=vp_grid(5), zeta=1.0)
+        dps(problem, NaNDenoiser(), x_init=torch.zeros(1, 4, dtype=F64), grid=vp_grid(5), zeta=1.0)
     with pytest.raises(ValueError, match="valid: l2, l2_squared"):
-        dps(problem, NaNDenoiser(), torch.zeros(1, 4, dtype=F64), grid=vp_grid(5), norm="l1")
+        dps(problem, NaNDenoiser(), x_init=torch.zeros(1, 4, dtype=F64), grid=vp_grid(5), norm="l1")
 
 
 def test_oracle_from_the_exact_posterior_reaches_the_noise_floor_at_dx8():
@@ -105,7 +106,7 @@ def test_oracle_from_the_exact_posterior_reaches_the_noise_floor_at_dx8():
     n = 2000
     x_init = initial_state("posterior", grid, problems, n, gen)
     problem = InverseProblem(problems.y, problems.operator, problems.sigma_y[:, None, None])
-    samples = oracle(problem, problems.prior, x_init, grid=grid, generator=gen).samples
+    samples = oracle(problem, problems.prior, x_init=x_init, grid=grid, generator=gen).samples
     ref, other = problems.posterior.sample(n, gen), problems.posterior.sample(n, gen)
     dirs = random_directions(10_000, 8, gen)
     sw = torch.tensor([sliced_wasserstein_1(samples[p], ref[p], dirs) for p in range(8)])
@@ -133,9 +134,9 @@ def test_bad_problem_inputs_fail_before_sampling():
     with pytest.raises(ValueError, match="sigma_y must be finite"):
         InverseProblem(problem.y, problem.operator, -1.0)
     with pytest.raises(ValueError, match="expects inputs of shape"):
-        dps(problem, prior, torch.zeros(2, 5, dtype=F64), grid=vp_grid(5))
+        dps(problem, prior, x_init=torch.zeros(2, 5, dtype=F64), grid=vp_grid(5))
     with pytest.raises(TypeError, match="GaussianMixture prior"):
-        oracle(problem, lambda x, s: x, torch.zeros(2, 4, dtype=F64), grid=vp_grid(5))
+        oracle(problem, lambda x, s: x, x_init=torch.zeros(2, 4, dtype=F64), grid=vp_grid(5))
 
 
 def test_dps_gradient_is_zero_not_nan_at_a_zero_residual():
@@ -154,10 +155,10 @@ def test_per_sample_generators_make_results_independent_of_the_batch():
     grid = vp_grid(10)
     keys = ["a", "b", "c"]
     x_init = grid.initial_noise((3, 4), [key_generator(0, k) for k in keys], F64)
-    batch = dps(problem, prior, x_init, grid=grid, zeta=0.5, generator=[key_generator(1, k) for k in keys]).samples
+    batch = dps(problem, prior, x_init=x_init, grid=grid, zeta=0.5, generator=[key_generator(1, k) for k in keys]).samples
     for i, key in enumerate(keys):
         alone_init = grid.initial_noise((1, 4), [key_generator(0, key)], F64)
-        alone = dps(problem, prior, alone_init, grid=grid, zeta=0.5, generator=[key_generator(1, key)]).samples
+        alone = dps(problem, prior, x_init=alone_init, grid=grid, zeta=0.5, generator=[key_generator(1, key)]).samples
         assert torch.allclose(batch[i], alone[0], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="one per row"):
         grid.initial_noise((3, 4), [key_generator(0, "a")], F64)

@@ -5,8 +5,12 @@ MCGdiff protocol ("mcgdiff"): 25 unit-covariance components with means (-8i, -8j
 Gaussian matrix replaced by dy sorted U(0, 1) values, sigma_y = u * max(S'), x* ~ prior, y = A x* + sigma_y n.
 TMPD variant ("tmpd"): equal weights and a fixed sigma_y.
 
-Seeds (documented, collision-free for dy < 10 and < 100 problems): weights from ``seed * 10**6 + dx * 1000``,
-problem i from ``seed * 10**6 + dx * 1000 + dy * 100 + i``.
+Seeds: problem i of a (dx, dy) cell has its own stream, seeded by :func:`problem_seed` = ``hash_seed(seed, "gmm",
+protocol, dx, dy, i, "problem")`` (sha256, so no two problems share a seed for any number of problems); it draws A,
+then u (mcgdiff), then x* and the measurement noise. The seed does not contain sigma_y, so the TMPD variant has the
+same A, x* and noise direction for every sigma_y of a (dx, dy) pair. The mixture weights (mcgdiff) are the benchmark's
+fixed prior and keep their seed ``seed * 10**6 + dx * 1000`` (unique per (seed, dx) for dx < 1000, which
+:func:`grid_prior` enforces), so the prior stays the one of the earlier tables and of the trained GMM denoisers.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import Tensor
 
 from diffinv_pl.operators.matrix import MatrixOperator, random_svd_matrix
 from diffinv_pl.priors.analytic import GaussianMixture
+from diffinv_pl.utils.seeding import hash_seed
 
 PROTOCOLS = ("mcgdiff", "tmpd")
 
@@ -35,11 +40,18 @@ def grid_prior(dim: int, protocol: str, seed: int = 0) -> GaussianMixture:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown GMM protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
     if protocol == "mcgdiff":
+        if dim >= 1000:  # the weight seed seed * 10**6 + dim * 1000 is unique per (seed, dim) below 1000 only
+            raise ValueError(f"the mcgdiff grid mixture supports dimensions < 1000, got {dim}")
         gen = torch.Generator().manual_seed(seed * 10**6 + dim * 1000)
         weights = torch.randn(25, generator=gen, dtype=torch.float64) ** 2
     else:
         weights = torch.ones(25, dtype=torch.float64)
     return GaussianMixture.isotropic(weights, grid_means(dim), variance=1.0)
+
+
+def problem_seed(seed: int, protocol: str, dim: int, dim_y: int, index: int) -> int:
+    """Seed of problem ``index`` of the (dim, dim_y) cell: one sha256 stream per problem (module docstring)."""
+    return hash_seed(seed, "gmm", protocol, dim, dim_y, index, "problem")
 
 
 @dataclass
@@ -71,14 +83,14 @@ def make_gmm_problems(
         raise ValueError("the tmpd protocol needs a fixed sigma_y > 0 (the TMPD grid uses 0.01, 0.1, 1.0)")
     if protocol == "mcgdiff" and sigma_y is not None:
         raise ValueError("the mcgdiff protocol draws sigma_y = u * max(singular value); leave sigma_y unset")
-    if not 0 < dim_y <= dim or dim_y >= 10:
-        raise ValueError(f"need 0 < dy <= dx and dy < 10, got dx={dim}, dy={dim_y}")
-    if not 0 < num_problems < 100:
-        raise ValueError(f"num_problems must be in 1..99, got {num_problems}")
+    if not 0 < dim_y <= dim:
+        raise ValueError(f"need 0 < dy <= dx, got dx={dim}, dy={dim_y}")
+    if num_problems < 1:
+        raise ValueError(f"num_problems must be >= 1, got {num_problems}")
     prior = grid_prior(dim, protocol, seed)
     mats, ys, noise_levels, xs = [], [], [], []
     for i in range(num_problems):
-        gen = torch.Generator().manual_seed(seed * 10**6 + dim * 1000 + dim_y * 100 + i)
+        gen = torch.Generator().manual_seed(problem_seed(seed, protocol, dim, dim_y, i))
         A = random_svd_matrix(dim_y, dim, gen)
         if protocol == "mcgdiff":
             noise = torch.rand((), generator=gen, dtype=torch.float64) * torch.linalg.matrix_norm(A, ord=2)

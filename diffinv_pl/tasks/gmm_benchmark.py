@@ -8,8 +8,18 @@ problem and aggregated over problems (mean ± 1.96 std / sqrt(P)):
 * the mode-weight total variation, the same two numbers for the floor set (exact vs exact), and
 * n_eff = 1 / sum_k wbar_k^2, the effective number of posterior modes.
 
-Initial states: ``gaussian`` (the grid's N(0, init_std^2 I)), ``prior`` (exact prior p_T) and ``posterior`` (exact
-noised posterior p_T(x | y)), all at the first grid point.
+Initial states: ``gaussian`` (the solver's own start, ``grid.init_std * N(0, I)`` drawn from its generator),
+``prior`` (exact prior p_T) and ``posterior`` (exact noised posterior p_T(x | y)); the last two are drawn at the first
+point of the sampler's ``grid``, which :class:`SamplerSpec` must then be given.
+
+Random streams: every random draw has its own stream, one ``torch.Generator`` per problem seeded by
+:func:`~diffinv_pl.utils.seeding.hash_seed` (sha256) of ``(seed, "gmm", protocol, dx, dy, sigma_y or "drawn", ...)``
+followed by ``problem, "reference"``, ``problem, "floor"`` or ``problem, "sampler", label, init``, and one per cell
+for the SW directions (``"sw_directions"``). A (sampler, init) stream gives first the exact initial state (``prior``
+and ``posterior`` inits) and then all of the solver's noise. The problems themselves come from
+:func:`~diffinv_pl.data.gmm_problems.problem_seed`. So adding, removing or reordering samplers changes no other
+sampler's numbers, nor the floor, and the P problems of a cell are independent streams (solver states of shape
+(P, n, d), row p drawn from generator p).
 """
 
 from __future__ import annotations
@@ -18,7 +28,6 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,41 +39,72 @@ from diffinv_pl.operators.matrix import MatrixOperator
 from diffinv_pl.metrics.sliced_wasserstein import mode_weight_tv, random_directions, sliced_wasserstein_1_sorted, sorted_projections
 from diffinv_pl.solvers.base import InverseProblem, Solver
 from diffinv_pl.utils.io import atomic_write_text, csv_text
+from diffinv_pl.utils.random import GeneratorLike
+from diffinv_pl.utils.seeding import hash_seed
 from diffinv_pl.utils.stats import mean_ci95
 
 log = logging.getLogger(__name__)
 
 INITS = ("gaussian", "prior", "posterior")
+EXACT_INITS = ("prior", "posterior")
+FLOOR_LABEL = "exact"
 
 
 @dataclass
 class SamplerSpec:
-    """A solver bound to its hyperparameters (a ``functools.partial`` with a ``grid``) and the initial states to run."""
+    """A solver bound to its hyperparameters (e.g. a ``functools.partial``), the initial states to run it from, the
+    sampling ``grid`` its exact initial states are drawn on (needed only for the ``prior`` and ``posterior`` inits; give
+    the solver's own grid) and its ``name`` in the table (default: its key in ``samplers``)."""
 
     solver: Solver
     inits: tuple[str, ...] = ("gaussian",)
+    grid: SamplingGrid | None = None
+    name: str | None = None
 
     def __post_init__(self) -> None:
+        self.inits = tuple(self.inits)
         bad = [i for i in self.inits if i not in INITS]
         if bad or not self.inits:
             raise ValueError(f"unknown initial state(s) {bad or '(none given)'}; valid: {', '.join(INITS)}")
-        if not isinstance(self.solver, partial) or not isinstance(self.solver.keywords.get("grid"), SamplingGrid):
-            raise ValueError("a benchmark solver must be a partial with a SamplingGrid bound to `grid` (see conf/solver)")
+        if not callable(self.solver):
+            raise ValueError(f"a benchmark solver must be callable (see conf/solver), got {type(self.solver).__name__}")
+        if self.grid is not None and not isinstance(self.grid, SamplingGrid):
+            raise ValueError(f"grid must be a SamplingGrid (e.g. grid: ${{sampling_grid}}), got {type(self.grid).__name__}")
+        exact = [i for i in self.inits if i in EXACT_INITS]
+        if exact and self.grid is None:
+            raise ValueError(
+                f"the initial state(s) {', '.join(exact)} are drawn at the first grid point: give the sampler its "
+                "sampling grid (`grid: ${sampling_grid}` beside `solver:` in conf/task/gmm_posterior.yaml)"
+            )
 
-    @property
-    def grid(self) -> SamplingGrid:
-        return self.solver.keywords["grid"]
+
+def solver_name(solver: Solver) -> str | None:
+    """The name of the function behind a solver (through ``functools.partial``), or None."""
+    func = getattr(solver, "func", solver)
+    name = getattr(func, "__name__", None)
+    return None if name is None or name.startswith("<") else name
 
 
-def initial_state(kind: str, grid: SamplingGrid, problems: GMMProblemSet, n: int, gen: torch.Generator) -> torch.Tensor:
-    """Initial state (P, n, d) at the first grid point x = s_0 (x0 + sigma_0 n)."""
+def initial_state(
+    kind: str, grid: SamplingGrid | None, problems: GMMProblemSet, n: int, generator: GeneratorLike
+) -> torch.Tensor | None:
+    """Exact initial state (P, n, d), float64, at the first grid point x = s_0 (x0 + sigma_0 n): ``prior`` draws x0 from
+    the prior, ``posterior`` from p(x0 | y); ``gaussian`` gives None (the solver draws its own start). ``generator``
+    is one generator or one per problem (row p from generator p)."""
+    if kind == "gaussian":
+        return None
+    if kind not in EXACT_INITS:
+        raise ValueError(f"unknown initial state {kind!r}; valid: {', '.join(INITS)}")
+    if grid is None:
+        raise ValueError(f"the {kind} initial state needs the sampling grid")
     P, d = problems.num_problems, problems.prior.dim
     s0, sigma0 = float(grid.scales[0]), float(grid.sigmas[0])
-    if kind == "gaussian":
-        return grid.initial_noise((P, n, d), gen, torch.float64)
     if kind == "prior":
-        return s0 * problems.prior.noised(sigma0).sample(P * n, gen).reshape(P, n, d)
-    return s0 * problems.posterior.noised(sigma0).sample(n, gen)
+        noised = problems.prior.noised(sigma0)
+        single = generator is None or isinstance(generator, torch.Generator)
+        x0 = noised.sample(P * n, generator).reshape(P, n, d) if single else noised.sample(n, generator)
+        return s0 * x0
+    return s0 * problems.posterior.noised(sigma0).sample(n, generator)
 
 
 class GMMPosteriorBenchmark:
@@ -87,7 +127,18 @@ class GMMPosteriorBenchmark:
     ) -> None:
         if not samplers:
             raise ValueError("configure at least one sampler (benchmark.samplers)")
-        self.samplers = {name: s if isinstance(s, SamplerSpec) else SamplerSpec(**s) for name, s in samplers.items()}
+        specs = [s if isinstance(s, SamplerSpec) else SamplerSpec(**s) for s in samplers.values()]
+        labels = [spec.name or key for key, spec in zip(samplers, specs)]
+        for label, spec in zip(labels, specs):
+            func = solver_name(spec.solver)
+            if func is not None and not label.startswith(func):
+                raise ValueError(
+                    f"sampler {label!r} runs the solver {func!r}: name it after its solver (its conf/solver name, e.g. "
+                    f"task.samplers.<key>.name={func}) so that the table says what ran"
+                )
+        if len(set(labels)) != len(labels) or FLOOR_LABEL in labels:
+            raise ValueError(f"sampler names must be unique and not {FLOOR_LABEL!r} (the floor), got {labels}")
+        self.samplers = dict(zip(labels, specs))
         if protocol == "tmpd" and not sigmas_y:
             raise ValueError("the tmpd protocol needs benchmark.sigmas_y, e.g. [0.01, 0.1, 1.0]")
         if protocol == "mcgdiff" and sigmas_y:
@@ -109,26 +160,41 @@ class GMMPosteriorBenchmark:
         self.output_dir = Path(output_dir)
         self.command = command
 
+    def stream_seed(self, dx: int, dy: int, sigma_y: float | None, *purpose: object) -> int:
+        """Seed of one random stream of a cell: ``purpose`` is (problem, "reference" | "floor"), (problem, "sampler",
+        name, init) or ("sw_directions",) (module docstring)."""
+        noise = "drawn" if sigma_y is None else float(sigma_y)  # 1 and 1.0 are the same stream
+        return hash_seed(self.seed, "gmm", self.protocol, dx, dy, noise, *purpose)
+
+    def generators(self, dx: int, dy: int, sigma_y: float | None, *purpose: object) -> list[torch.Generator]:
+        """One generator per problem of the cell for ``purpose`` (row p of a draw comes from generator p)."""
+        return [
+            torch.Generator().manual_seed(self.stream_seed(dx, dy, sigma_y, p, *purpose)) for p in range(self.num_problems)
+        ]
+
     def run_cell(self, dx: int, dy: int, sigma_y: float | None) -> list[dict[str, Any]]:
         """Per-problem rows of one cell, for the floor and every (sampler, init)."""
         start = time.perf_counter()
         problems = make_gmm_problems(dx, dy, self.num_problems, self.protocol, sigma_y, self.seed)
-        gen = torch.Generator().manual_seed(self.seed * 10**6 + dx * 1000 + dy * 100 + 99)
         n = self.num_samples
-        reference = problems.posterior.sample(n, gen)
-        floor_set = problems.posterior.sample(n, gen)
-        sets: dict[tuple[str, str], tuple[torch.Tensor, float, dict[str, float]]] = {("exact", "-"): (floor_set, 0.0, {})}
+        reference = problems.posterior.sample(n, self.generators(dx, dy, sigma_y, "reference"))
+        floor_set = problems.posterior.sample(n, self.generators(dx, dy, sigma_y, "floor"))
+        sets: dict[tuple[str, str], tuple[torch.Tensor, float, dict[str, float]]] = {(FLOOR_LABEL, "-"): (floor_set, 0.0, {})}
         dt = self.dtype
         operator = MatrixOperator(problems.operator.matrix.to(dt))
-        problem = InverseProblem(problems.y.to(dt), operator, problems.sigma_y[:, None, None].to(dt))
+        P = problems.num_problems
+        problem = InverseProblem(problems.y.to(dt), operator, problems.sigma_y[:, None, None].to(dt), batch_shape=(P, n))
         prior = problems.prior.to(dt)
         for name, spec in self.samplers.items():
             for init in spec.inits:
-                x_init = initial_state(init, spec.grid, problems, n, gen).to(dt)
-                result = spec.solver(problem, prior, x_init, generator=gen)
+                gens = self.generators(dx, dy, sigma_y, "sampler", name, init)
+                x_init = initial_state(init, spec.grid, problems, n, gens)
+                x_init = None if x_init is None else x_init.to(dt)
+                result = spec.solver(problem, prior, generator=gens, x_init=x_init)
                 samples = result.samples.to(torch.float64)
                 sets[(name, init)] = (samples, result.cost.wall_time_s, result.cost.as_dict())
-        directions = random_directions(self.num_directions, dx, gen)
+        dir_gen = torch.Generator().manual_seed(self.stream_seed(dx, dy, sigma_y, "sw_directions"))
+        directions = random_directions(self.num_directions, dx, dir_gen)
         n_eff = problems.posterior.effective_num_modes()
         rows = []
         sw = {key: [] for key in sets}
@@ -170,12 +236,12 @@ class GMMPosteriorBenchmark:
 
 def summarise_cell(rows: list[dict[str, Any]], sigma_y: float | None) -> list[dict[str, Any]]:
     """Aggregate one cell's per-problem rows: one line per (sampler, init) next to the exact-vs-exact floor."""
-    floor = [r for r in rows if r["sampler"] == "exact"]
+    floor = [r for r in rows if r["sampler"] == FLOOR_LABEL]
     floor_sw, floor_sw_ci = mean_ci95([r["sw1"] for r in floor])
     floor_tv, _ = mean_ci95([r["mode_tv"] for r in floor])
     n_eff, _ = mean_ci95([r["n_eff"] for r in floor])
     out = []
-    keys = dict.fromkeys((r["sampler"], r["init"]) for r in rows if r["sampler"] != "exact")
+    keys = dict.fromkeys((r["sampler"], r["init"]) for r in rows if r["sampler"] != FLOOR_LABEL)
     for name, init in keys:
         sel = [r for r in rows if (r["sampler"], r["init"]) == (name, init)]
         sw, sw_ci = mean_ci95([r["sw1"] for r in sel])
@@ -197,7 +263,7 @@ def markdown_table(table: list[dict[str, Any]], bench: GMMPosteriorBenchmark) ->
     head = (
         f"GMM exact-posterior benchmark, protocol {bench.protocol}: {bench.num_problems} problems per cell, "
         f"n = {bench.num_samples} samples per set, SW1 with {bench.num_directions} directions (same for all samplers "
-        f"of a cell); sampling in {str(bench.dtype).removeprefix('torch.')}; mean ± 1.96 std/sqrt(problems); "
+        f"of a cell); one random stream per (problem, sampler, init); sampling in {str(bench.dtype).removeprefix('torch.')}; mean ± 1.96 std/sqrt(problems); "
         f"floor = exact vs exact; {torch.get_num_threads()} torch threads.\n"
     )
     if bench.command:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the committed GMM exact-posterior tables (2 CPU cores; see README.md in this folder).
-#   bash experiments/gmm_posterior/run.sh            # MCGdiff table, then the TMPD variant
+#   bash experiments/gmm_posterior/run.sh            # MCGdiff table, the TMPD variant, then the DPS-variant cell
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
@@ -9,3 +9,5 @@ out=experiments/gmm_posterior
     paths.output_dir="$out/mcgdiff" 2>&1 | tee "$out/mcgdiff.log"
 /usr/bin/time -f "wall %e s, max RSS %M KB" .venv/bin/python evaluate.py experiment=gmm_tmpd \
     paths.output_dir="$out/tmpd" 2>&1 | tee "$out/tmpd.log"
+/usr/bin/time -f "wall %e s, max RSS %M KB" .venv/bin/python evaluate.py experiment=gmm_dps_mcgdiff \
+    paths.output_dir="$out/dps_mcgdiff" 2>&1 | tee "$out/dps_mcgdiff.log"
