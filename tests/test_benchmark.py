@@ -203,7 +203,7 @@ def test_gmm_dps_configs_say_which_dps_runs(tmp_path):
 
     released = compose("evaluate", ["experiment=gmm_dps", f"paths.output_dir={tmp_path}"])
     assert (released.solver.zeta, released.solver.norm, released.solver.eta) == (0.1, "l2", 1.0)
-    assert released.sampling_grid.beta_schedule == "linear" and released.task.samplers.solver.name == "dps"
+    assert released.sampling_grid.beta_schedule == "linear" and released.task.samplers.solver.name is None
     variant = compose("evaluate", ["experiment=gmm_dps_mcgdiff", f"paths.output_dir={tmp_path}"])
     assert variant.solver._target_ == "diffinv_pl.solvers.dps"
     assert (variant.solver.zeta, variant.solver.norm, variant.solver.eta) == (0.2, "l2", 0.85)

@@ -44,6 +44,18 @@ def _compose_experiment(name: str, tmp_path: Path):
     pytest.fail(f"experiment {name} composes with no entry point: {errors}")
 
 
+def _sampler_inits(cfg) -> dict[str, list[str]]:
+    """Expected table label -> inits of a GMM benchmark config: the label, else the solver function's name."""
+    from hydra.utils import get_object
+
+    out = {}
+    for key, spec in cfg.task.samplers.items():
+        target = spec.solver._target_
+        label = spec.get("name") or (get_object(target).__name__ if key == "solver" else key)
+        out[label] = list(spec.inits)
+    return out
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path):
     entry, cfg = _compose_experiment(name, tmp_path)
@@ -54,7 +66,10 @@ def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path):
 
         table = run_evaluation(cfg)
         if "sw1" in table[0]:
-            assert all(row["sw1"] > 0 and row["floor_sw1"] > 0 for row in table)
+            # one row per configured (sampler, init), labelled by the solver that ran, every number finite
+            runs = {(row["sampler"], row["init"]) for row in table}
+            assert runs == {(label, init) for label, inits in _sampler_inits(cfg).items() for init in inits}
+            assert all(math.isfinite(row[k]) for row in table for k in ("sw1", "floor_sw1", "mode_tv"))
             assert (tmp_path / "table.md").exists() and (tmp_path / "per_problem.csv").exists()
         else:
             assert table[0]["num_samples"] == 2 and table[0]["psnr"] > 0

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffinv_pl.utils.random import GeneratorLike, randn
 
 BETA_KINDS = ("linear", "sqrt_linear", "mcgdiff_decreasing")
 
@@ -129,7 +128,8 @@ class SamplingGrid:
     Attributes:
         sigmas: (N+1,) float64 VE noise levels, decreasing, ``sigmas[-1] == 0``.
         scales: (N+1,) float64 state scalings ``s_i`` (1 for VE/EDM, ``sqrt(abar_t)`` for VP); ``scales[-1] == 1``.
-        init_std: standard deviation of the pure-noise initial state (1 for VP, sigma_max for EDM).
+        init_std: standard deviation of the pure-noise initial state (1 for VP, sigma_max for EDM); solvers draw it
+            in the prior's state space (``Prior.initial_state``).
     """
 
     sigmas: Tensor
@@ -149,12 +149,6 @@ class SamplingGrid:
     @property
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
-
-    def initial_noise(
-        self, shape: tuple[int, ...], generator: GeneratorLike = None, dtype: torch.dtype = torch.float32
-    ) -> Tensor:
-        """The standard initial state N(0, init_std^2 I) of the given shape (one generator, or one per sample)."""
-        return self.init_std * randn(shape, generator, dtype)
 
 
 def vp_grid(num_steps: int | str = 100, beta_schedule: str = "linear", num_train_steps: int = 1000) -> SamplingGrid:

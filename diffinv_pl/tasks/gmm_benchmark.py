@@ -54,7 +54,8 @@ FLOOR_LABEL = "exact"
 class SamplerSpec:
     """A solver bound to its hyperparameters (e.g. a ``functools.partial``), the initial states to run it from, the
     sampling ``grid`` its exact initial states are drawn on (needed only for the ``prior`` and ``posterior`` inits; give
-    the solver's own grid) and its ``name`` in the table (default: its key in ``samplers``)."""
+    the solver's own grid) and its ``name`` in the table (default: its key in ``samplers``; for the key ``solver``,
+    the solver function's name)."""
 
     solver: Solver
     inits: tuple[str, ...] = ("gaussian",)
@@ -128,7 +129,8 @@ class GMMPosteriorBenchmark:
         if not samplers:
             raise ValueError("configure at least one sampler (benchmark.samplers)")
         specs = [s if isinstance(s, SamplerSpec) else SamplerSpec(**s) for s in samplers.values()]
-        labels = [spec.name or key for key, spec in zip(samplers, specs)]
+        # the generic slot `solver` (the solver group's choice) is labelled by its function unless named
+        labels = [spec.name or (key == "solver" and solver_name(spec.solver)) or key for key, spec in zip(samplers, specs)]
         for label, spec in zip(labels, specs):
             func = solver_name(spec.solver)
             if func is not None and not label.startswith(func):
