@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from importlib import metadata
@@ -66,6 +67,11 @@ from diffinv_pl.utils.seeding import key_generator
 from diffinv_pl.utils.stats import mean_ci95
 
 log = logging.getLogger(__name__)
+# epoch values are synchronised by torchmetrics, and the aggregate (results/*) is computed on rank 0 from every
+# rank's rows: Lightning's advice to add sync_dist does not apply to them
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self.log\('(results/|(psnr|ssim|lpips)_epoch')", category=UserWarning
+)
 
 COST_KEYS = ("denoiser_calls", "operator_forward_calls", "operator_adjoint_calls", "wall_time_s")
 
@@ -309,7 +315,10 @@ class ReconstructionTask(L.LightningModule):
         busy = self._samples_busy_elsewhere()
         for name, metric in self.metrics.means.items():  # every rank computes: torchmetrics syncs the states
             if metric.update_called or self.trainer.world_size > 1:
-                self.log(f"{name}_epoch", metric.compute(), batch_size=1)
+                with warnings.catch_warnings():  # a rank without samples computes (and syncs) an empty mean
+                    warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method")
+                    value = metric.compute()
+                self.log(f"{name}_epoch", value, batch_size=1)
             metric.reset()
         if busy:  # another process into the same directory is still computing some samples: it aggregates
             if self.global_rank == 0:
