@@ -26,3 +26,15 @@ def compose(config_name: str, overrides: list[str]):
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def user_error(main, argv, capsys) -> str:
+    """Run an entry point ``main(argv)`` that must refuse: exit status 2 (``report_user_errors``), exactly one
+    ``error:`` line and no traceback on stderr; returns stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err
+    return err

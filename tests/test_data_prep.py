@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import user_error
 import torch
 from PIL import Image
 
@@ -30,16 +31,6 @@ def _load(name: str):
 phantoms_cli = _load("make_ct_phantoms")
 shards_cli = _load("make_shards")
 
-
-def _user_error(main, argv, capsys) -> str:
-    """Run a ``main`` that must refuse: exit status 2 (report_user_errors), one ``error:`` line; returns stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err
-    return err
 
 
 def test_png_phantoms_to_shards_round_trip(tmp_path, capsys):
@@ -80,7 +71,7 @@ def test_overwrite_refused(tmp_path, capsys):
     phantoms_cli.main(argv)
     target = src / f"{phantom_key(1)}.png"
     target.write_bytes(b"sentinel")
-    err = _user_error(phantoms_cli.main, argv + ["--num-images", "3", "--seed", "1"], capsys)
+    err = user_error(phantoms_cli.main, argv + ["--num-images", "3", "--seed", "1"], capsys)
     assert "already exist" in err and "--overwrite" in err
     assert target.read_bytes() == b"sentinel" and not (src / f"{phantom_key(2)}.png").exists()  # nothing written
     phantoms_cli.main(argv + ["--overwrite"])
@@ -88,7 +79,7 @@ def test_overwrite_refused(tmp_path, capsys):
 
     shard_argv = ["--images", str(src), "--output", str(out), "--samples-per-shard", "1", "--grayscale"]
     shards_cli.main(shard_argv)
-    err = _user_error(shards_cli.main, shard_argv, capsys)
+    err = user_error(shards_cli.main, shard_argv, capsys)
     assert str(out) in err and "--overwrite" in err
     assert shards_cli.main(shard_argv + ["--overwrite"]) == 0
     assert len(ShardIndexDataset(out)) == 2
@@ -113,7 +104,7 @@ def test_shards_are_validated_after_writing_and_corruption_is_found(tmp_path, ca
         r".*make_shards.py --overwrite",
     ):
         validate_shards(out)
-    err = _user_error(shards_cli.main, ["--validate", str(out)], capsys)
+    err = user_error(shards_cli.main, ["--validate", str(out)], capsys)
     assert "phantom_00003" in err
 
 
@@ -123,7 +114,7 @@ def test_corrupt_input_images_fail_or_are_skipped(tmp_path, capsys):
     bad = src / f"{phantom_key(1)}.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated: header fine, pixel data missing
     argv = ["--images", str(src), "--output", str(out), "--samples-per-shard", "2", "--grayscale"]
-    err = _user_error(shards_cli.main, argv, capsys)
+    err = user_error(shards_cli.main, argv, capsys)
     assert "phantom_00001.png" in err and "--corrupt skip" in err
     assert not out.exists() or not list(out.iterdir())
     assert shards_cli.main(argv + ["--corrupt", "skip"]) == 0
@@ -167,14 +158,14 @@ def test_make_shards_script_refuses_nan_arrays_with_one_error_line(tmp_path):
 
 def test_make_shards_missing_input_is_one_line(tmp_path, capsys):
     argv = ["--images", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--samples-per-shard", "2"]
-    err = _user_error(shards_cli.main, argv, capsys)
+    err = user_error(shards_cli.main, argv, capsys)
     assert str(tmp_path / "nope") in err and "does not exist" in err and err.count("\n") == 1
-    err = _user_error(shards_cli.main, [*argv, "--input-format", "npy"], capsys)
+    err = user_error(shards_cli.main, [*argv, "--input-format", "npy"], capsys)
     assert "--images" in err and "does not exist" in err
     (tmp_path / "empty").mkdir()
-    err = _user_error(shards_cli.main, ["--images", str(tmp_path / "empty"), *argv[2:]], capsys)
+    err = user_error(shards_cli.main, ["--images", str(tmp_path / "empty"), *argv[2:]], capsys)
     assert "no images with extensions" in err
-    err = _user_error(shards_cli.main, ["--validate", str(tmp_path / "nope")], capsys)
+    err = user_error(shards_cli.main, ["--validate", str(tmp_path / "nope")], capsys)
     assert "no shard index" in err and "make_shards.py" in err
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import user_error
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -19,16 +20,6 @@ from diffinv_pl.data.images import ImageFolderDataset, load_image
 
 DATA_PREP = Path(__file__).resolve().parents[1] / "data_prep"
 
-
-def _user_error(main, argv, capsys) -> str:
-    """Run a data_prep ``main`` that must refuse: exit status 2 (report_user_errors), one ``error:`` line; stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err
-    return err
 
 
 def _load(name: str):
@@ -122,7 +113,7 @@ def test_sr_corrupt_fail_names_every_file_and_writes_nothing(tmp_path, capsys):
     train, test = _make_splits(tmp_path)
     bad = _add_corrupt(train)
     out = tmp_path / "out"
-    err = _user_error(sr_cli.main, _sr_argv(train, test, out), capsys)
+    err = user_error(sr_cli.main, _sr_argv(train, test, out), capsys)
     assert "--train-dir" in err and "2 corrupt image file(s)" in err and "corrupt='skip'" in err
     assert all(str(p) in err for p in bad)
     assert not out.exists()
@@ -145,7 +136,7 @@ def test_sr_refuses_to_overwrite(tmp_path, capsys):
     assert sr_cli.main(_sr_argv(train, test, out)) == 0
     target = out / "train" / "a.png"
     target.write_bytes(b"finished result")
-    err = _user_error(sr_cli.main, _sr_argv(train, test, out), capsys)
+    err = user_error(sr_cli.main, _sr_argv(train, test, out), capsys)
     assert "already exist" in err and "--overwrite" in err
     assert target.read_bytes() == b"finished result"
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -159,11 +150,11 @@ def test_sr_missing_empty_and_overlapping_dirs(tmp_path, capsys):
     train, test = _make_splits(tmp_path)
     missing, empty = tmp_path / "nope", tmp_path / "empty"
     empty.mkdir()
-    err = _user_error(sr_cli.main, _sr_argv(missing, test, tmp_path / "out"), capsys)
+    err = user_error(sr_cli.main, _sr_argv(missing, test, tmp_path / "out"), capsys)
     assert "--train-dir" in err and str(missing) in err and "does not exist" in err
-    err = _user_error(sr_cli.main, _sr_argv(train, empty, tmp_path / "out"), capsys)
+    err = user_error(sr_cli.main, _sr_argv(train, empty, tmp_path / "out"), capsys)
     assert "--test-dir" in err and str(empty) in err and "no images" in err
-    assert "overlaps input folder" in _user_error(sr_cli.main, _sr_argv(train, test, train / "prepared"), capsys)
+    assert "overlaps input folder" in user_error(sr_cli.main, _sr_argv(train, test, train / "prepared"), capsys)
     assert not (tmp_path / "out").exists() and not (train / "prepared").exists()
 
 
@@ -305,7 +296,7 @@ def test_dicom_invalid_files_named_or_skipped(tmp_path, capsys):
     assert pydicom.dcmread(no_pixels).PatientName == "header only"
 
     argv = ["--input", str(src), "--output", str(out)]
-    err = _user_error(dicom_cli.main, argv, capsys)
+    err = user_error(dicom_cli.main, argv, capsys)
     assert f"{str(notes)!r} is not a DICOM file" in err
     assert f"{str(no_pixels)!r} is DICOM but has no pixel data" in err
     assert "--skip-invalid" in err and not out.exists()
@@ -323,7 +314,7 @@ def test_dicom_refuses_overwrite_and_bad_inputs(tmp_path, capsys):
     assert dicom_cli.main(argv) == 0
     first = out / SERIES / "0000.png"
     first.write_bytes(b"finished result")
-    err = _user_error(dicom_cli.main, argv, capsys)
+    err = user_error(dicom_cli.main, argv, capsys)
     assert "already exist" in err and "--overwrite" in err
     assert first.read_bytes() == b"finished result"
     assert dicom_cli.main([*argv, "--overwrite"]) == 0
@@ -333,6 +324,6 @@ def test_dicom_refuses_overwrite_and_bad_inputs(tmp_path, capsys):
     missing, empty = tmp_path / "nope", tmp_path / "empty"
     empty.mkdir()
     o2 = str(tmp_path / "o2")
-    assert str(missing) in _user_error(dicom_cli.main, ["--input", str(missing), "--output", o2], capsys)
-    assert "no files under" in _user_error(dicom_cli.main, ["--input", str(empty), "--output", o2], capsys)
-    assert "inside --input" in _user_error(dicom_cli.main, ["--input", str(src), "--output", str(src / "png")], capsys)
+    assert str(missing) in user_error(dicom_cli.main, ["--input", str(missing), "--output", o2], capsys)
+    assert "no files under" in user_error(dicom_cli.main, ["--input", str(empty), "--output", o2], capsys)
+    assert "inside --input" in user_error(dicom_cli.main, ["--input", str(src), "--output", str(src / "png")], capsys)
