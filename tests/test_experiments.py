@@ -124,5 +124,5 @@ def test_cli_runs_one_cell_and_logs_to_wandb_offline(tmp_path):
 
 def test_cli_bad_value_fails_with_a_clear_message(tmp_path):
     out = _run([str(REPO / "evaluate.py"), "experiment=gmm_dps", "task.dims=[7]", f"paths.output_dir={tmp_path}"], tmp_path)
-    assert out.returncode != 0
-    assert "dx must be even" in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert [line for line in out.stderr.splitlines() if line.startswith("error:") and "dx must be even" in line]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffinv_pl.errors import UserError
 from diffinv_pl.operators.matrix import MatrixOperator, random_svd_matrix
 from diffinv_pl.priors.analytic import GaussianMixture
 from diffinv_pl.utils.seeding import hash_seed
@@ -30,7 +31,7 @@ PROTOCOLS = ("mcgdiff", "tmpd")
 def grid_means(dim: int, spacing: float = 8.0) -> Tensor:
     """The 25 component means (-s i, -s j, -s i, -s j, ...) for (i, j) in {-2..2}^2, shape (25, dim), float64."""
     if dim < 2 or dim % 2:
-        raise ValueError(f"the grid mixture needs an even dimension >= 2, got {dim}")
+        raise UserError(f"the grid mixture needs an even dimension >= 2, got {dim}")
     ij = torch.tensor([(i, j) for i in range(-2, 3) for j in range(-2, 3)], dtype=torch.float64)
     return (-spacing * ij).repeat(1, dim // 2)
 
@@ -38,10 +39,10 @@ def grid_means(dim: int, spacing: float = 8.0) -> Tensor:
 def grid_prior(dim: int, protocol: str, seed: int = 0) -> GaussianMixture:
     """The benchmark prior for one dimension: chi^2_1 weights (mcgdiff) or equal weights (tmpd), identity covariances."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown GMM protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        raise UserError(f"unknown GMM protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
     if protocol == "mcgdiff":
         if dim >= 1000:  # the weight seed seed * 10**6 + dim * 1000 is unique per (seed, dim) below 1000 only
-            raise ValueError(f"the mcgdiff grid mixture supports dimensions < 1000, got {dim}")
+            raise UserError(f"the mcgdiff grid mixture supports dimensions < 1000, got {dim}")
         gen = torch.Generator().manual_seed(seed * 10**6 + dim * 1000)
         weights = torch.randn(25, generator=gen, dtype=torch.float64) ** 2
     else:
@@ -80,13 +81,13 @@ def make_gmm_problems(
 ) -> GMMProblemSet:
     """Build ``num_problems`` problems of one (dx, dy) cell of the MCGdiff or TMPD protocol (module docstring)."""
     if protocol == "tmpd" and (sigma_y is None or sigma_y <= 0):
-        raise ValueError("the tmpd protocol needs a fixed sigma_y > 0 (the TMPD grid uses 0.01, 0.1, 1.0)")
+        raise UserError("the tmpd protocol needs a fixed sigma_y > 0 (the TMPD grid uses 0.01, 0.1, 1.0)")
     if protocol == "mcgdiff" and sigma_y is not None:
-        raise ValueError("the mcgdiff protocol draws sigma_y = u * max(singular value); leave sigma_y unset")
+        raise UserError("the mcgdiff protocol draws sigma_y = u * max(singular value); leave sigma_y unset")
     if not 0 < dim_y <= dim:
-        raise ValueError(f"need 0 < dy <= dx, got dx={dim}, dy={dim_y}")
+        raise UserError(f"need 0 < dy <= dx, got dx={dim}, dy={dim_y}")
     if num_problems < 1:
-        raise ValueError(f"num_problems must be >= 1, got {num_problems}")
+        raise UserError(f"num_problems must be >= 1, got {num_problems}")
     prior = grid_prior(dim, protocol, seed)
     mats, ys, noise_levels, xs = [], [], [], []
     for i in range(num_problems):

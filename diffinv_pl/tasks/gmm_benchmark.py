@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from diffinv_pl.errors import UserError
 from diffinv_pl.data.gmm_problems import GMMProblemSet, make_gmm_problems
 from diffinv_pl.diffusion.schedules import SamplingGrid
 from diffinv_pl.operators.matrix import MatrixOperator
@@ -66,14 +67,14 @@ class SamplerSpec:
         self.inits = tuple(self.inits)
         bad = [i for i in self.inits if i not in INITS]
         if bad or not self.inits:
-            raise ValueError(f"unknown initial state(s) {bad or '(none given)'}; valid: {', '.join(INITS)}")
+            raise UserError(f"unknown initial state(s) {bad or '(none given)'}; valid: {', '.join(INITS)}")
         if not callable(self.solver):
-            raise ValueError(f"a benchmark solver must be callable (see conf/solver), got {type(self.solver).__name__}")
+            raise UserError(f"a benchmark solver must be callable (see conf/solver), got {type(self.solver).__name__}")
         if self.grid is not None and not isinstance(self.grid, SamplingGrid):
-            raise ValueError(f"grid must be a SamplingGrid (e.g. grid: ${{sampling_grid}}), got {type(self.grid).__name__}")
+            raise UserError(f"grid must be a SamplingGrid (e.g. grid: ${{sampling_grid}}), got {type(self.grid).__name__}")
         exact = [i for i in self.inits if i in EXACT_INITS]
         if exact and self.grid is None:
-            raise ValueError(
+            raise UserError(
                 f"the initial state(s) {', '.join(exact)} are drawn at the first grid point: give the sampler its "
                 "sampling grid (`grid: ${sampling_grid}` beside `solver:` in conf/task/gmm_posterior.yaml)"
             )
@@ -95,9 +96,9 @@ def initial_state(
     if kind == "gaussian":
         return None
     if kind not in EXACT_INITS:
-        raise ValueError(f"unknown initial state {kind!r}; valid: {', '.join(INITS)}")
+        raise UserError(f"unknown initial state {kind!r}; valid: {', '.join(INITS)}")
     if grid is None:
-        raise ValueError(f"the {kind} initial state needs the sampling grid")
+        raise UserError(f"the {kind} initial state needs the sampling grid")
     P, d = problems.num_problems, problems.prior.dim
     s0, sigma0 = float(grid.scales[0]), float(grid.sigmas[0])
     if kind == "prior":
@@ -127,32 +128,32 @@ class GMMPosteriorBenchmark:
         command: str = "",
     ) -> None:
         if not samplers:
-            raise ValueError("configure at least one sampler (benchmark.samplers)")
+            raise UserError("configure at least one sampler (benchmark.samplers)")
         specs = [s if isinstance(s, SamplerSpec) else SamplerSpec(**s) for s in samplers.values()]
         # the generic slot `solver` (the solver group's choice) is labelled by its function unless named
         labels = [spec.name or (key == "solver" and solver_name(spec.solver)) or key for key, spec in zip(samplers, specs)]
         for label, spec in zip(labels, specs):
             func = solver_name(spec.solver)
             if func is not None and not label.startswith(func):
-                raise ValueError(
+                raise UserError(
                     f"sampler {label!r} runs the solver {func!r}: name it after its solver (its conf/solver name, e.g. "
                     f"task.samplers.<key>.name={func}) so that the table says what ran"
                 )
         if len(set(labels)) != len(labels) or FLOOR_LABEL in labels:
-            raise ValueError(f"sampler names must be unique and not {FLOOR_LABEL!r} (the floor), got {labels}")
+            raise UserError(f"sampler names must be unique and not {FLOOR_LABEL!r} (the floor), got {labels}")
         self.samplers = dict(zip(labels, specs))
         if protocol == "tmpd" and not sigmas_y:
-            raise ValueError("the tmpd protocol needs benchmark.sigmas_y, e.g. [0.01, 0.1, 1.0]")
+            raise UserError("the tmpd protocol needs benchmark.sigmas_y, e.g. [0.01, 0.1, 1.0]")
         if protocol == "mcgdiff" and sigmas_y:
-            raise ValueError("the mcgdiff protocol draws sigma_y per problem; remove benchmark.sigmas_y")
+            raise UserError("the mcgdiff protocol draws sigma_y per problem; remove benchmark.sigmas_y")
         if num_samples < 2 or num_directions < 1:
-            raise ValueError("num_samples must be >= 2 and num_directions >= 1")
+            raise UserError("num_samples must be >= 2 and num_directions >= 1")
         self.cells = list(itertools.product(dims, dims_y, sigmas_y or [None]))
         for dx, dy, _ in self.cells:  # fail on bad dimensions before any sampling
             if dx < 2 or dx % 2 or not 0 < dy <= dx:
-                raise ValueError(f"bad cell dx={dx}, dy={dy}: dx must be even and 0 < dy <= dx")
+                raise UserError(f"bad cell dx={dx}, dy={dy}: dx must be even and 0 < dy <= dx")
         if dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+            raise UserError(f"dtype must be float32 or float64, got {dtype!r}")
         self.dtype = getattr(torch, dtype)
         self.protocol = protocol
         self.num_problems = num_problems
