@@ -187,7 +187,9 @@ def test_benchmark_rejects_bad_settings_before_sampling(tmp_path):
     with pytest.raises(ValueError, match="runs the solver 'oracle': name it after its solver"):
         GMMPosteriorBenchmark({"dps": SamplerSpec(partial(oracle, grid=vp_grid(5)))}, dims=[8], dims_y=[1], output_dir=tmp_path)
     with pytest.raises(ValueError, match="names must be unique"):
-        GMMPosteriorBenchmark({"a": SamplerSpec(partial(dps), name="dps"), "dps": spec}, dims=[8], dims_y=[1], output_dir=tmp_path)
+        GMMPosteriorBenchmark({"a": SamplerSpec(partial(dps, grid=vp_grid(5)), name="dps"), "dps": spec}, dims=[8], dims_y=[1], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="dps has no hyperparameter\\(s\\) beta"):  # another solver's setting left over
+        SamplerSpec(partial(dps, grid=vp_grid(5), beta=1.0))
     with pytest.raises(ValueError, match="dx must be even"):
         GMMPosteriorBenchmark({"dps": spec}, dims=[9], dims_y=[1], output_dir=tmp_path)
     with pytest.raises(ValueError, match="needs benchmark.sigmas_y"):

@@ -106,7 +106,15 @@ def image_case() -> Case:
     return Case(lambda rows: InverseProblem(y[rows], op, 0.01), None, False)
 
 
-CASES: dict[str, Callable[[], Case]] = {"oracle": shared_measurement_case, "tv": image_case}
+def small_operator_case() -> Case:
+    """The default problem with A and y scaled by 1/100 (sigma_y 0.001): DAPS's image constants (tau = 0.01,
+    lr = 1e-4) make Langevin stable only for an operator of norm about 1 or less."""
+    prior, A, y = _mixture_and_matrix()
+    op = CountingMatrix(A / 100)
+    return Case(lambda rows: InverseProblem(y[rows] / 100, op, 0.001), prior, True)
+
+
+CASES: dict[str, Callable[[], Case]] = {"daps": small_operator_case, "oracle": shared_measurement_case, "tv": image_case}
 
 
 def solver_from_config(name: str):

@@ -102,7 +102,7 @@ def test_oracle_from_the_exact_posterior_reaches_the_noise_floor_at_dx8():
 
 def test_solver_registry_lists_valid_names():
     assert get_solver("dps") is dps
-    with pytest.raises(ValueError, match="valid solvers: dps, oracle"):
+    with pytest.raises(ValueError, match="valid solvers: .*dps, oracle"):
         get_solver("daps2")
 
 

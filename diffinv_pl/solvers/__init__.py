@@ -5,15 +5,21 @@ from diffinv_pl.solvers.base import (
     Solver,
     SolverCost,
     SolverResult,
+    check_solver_arguments,
     check_solver_setup,
     needs_linear_operator,
     needs_prior,
 )
 from diffinv_pl.solvers.classical import pseudo_inverse, tv_least_squares
+from diffinv_pl.solvers.codps import codps, codps_plus
+from diffinv_pl.solvers.daps import daps
 from diffinv_pl.solvers.diffusion_posterior_sampling import dps
 from diffinv_pl.solvers.exact_oracle import oracle
 
 SOLVERS: dict[str, Solver] = {
+    "codps": codps,
+    "codps_plus": codps_plus,
+    "daps": daps,
     "dps": dps,
     "oracle": oracle,
     "pinv": pseudo_inverse,
@@ -35,7 +41,11 @@ __all__ = [
     "Solver",
     "SolverCost",
     "SolverResult",
+    "codps",
+    "codps_plus",
+    "daps",
     "dps",
+    "check_solver_arguments",
     "check_solver_setup",
     "get_solver",
     "needs_linear_operator",

@@ -68,6 +68,18 @@ class InverseProblem:
         self.batch_shape = y_batch if self.batch_shape is None else tuple(int(b) for b in self.batch_shape)
         self._check_batch(self.batch_shape, "state batch_shape")
 
+    def sigma_y_per_state(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
+        """sigma_y as a tensor of shape ``batch_shape`` (one value per state row). A tensor sigma_y may carry trailing
+        singleton event dimensions (e.g. (P, 1, 1) against y of shape (P, 1, dy)); they are dropped."""
+        sigma = torch.as_tensor(self.sigma_y, dtype=dtype, device=device)
+        batch = self.batch_shape
+        while sigma.ndim > len(batch) and sigma.shape[-1] == 1:
+            sigma = sigma.squeeze(-1)
+        try:
+            return torch.broadcast_to(sigma, batch)
+        except RuntimeError as err:
+            raise UserError(f"sigma_y of shape {tuple(sigma.shape)} does not broadcast to the state batch {batch}") from err
+
     @property
     def y_batch_shape(self) -> tuple[int, ...]:
         return tuple(self.y.shape[: self.y.ndim - len(self.operator.out_shape)])
@@ -108,10 +120,10 @@ def needs_linear_operator(solver: Callable[..., Any]) -> bool:
 CONTRACT_ARGUMENTS = ("problem", "prior", "generator", "callback", "x_init")
 
 
-def check_solver_setup(solver: Callable[..., Any], prior: Prior | None, operator: ForwardOperator) -> None:
-    """Refuse, before any data is read or file written, a solver set-up that cannot run: hyperparameters the solver
-    does not take (e.g. a misspelt ``+solver.zetaa=1``), a missing required one, a diffusion solver without a prior,
-    or a nonlinear operator for a solver that needs its adjoint. Raises :class:`~diffinv_pl.errors.UserError`."""
+def check_solver_arguments(solver: Callable[..., Any]) -> None:
+    """Refuse hyperparameters a solver (a ``functools.partial``) does not take, e.g. a misspelt ``+solver.zetaa=1``
+    or ``zeta`` left over from another solver's config, and missing required ones. Raises
+    :class:`~diffinv_pl.errors.UserError` naming the valid ones."""
     func = getattr(solver, "func", solver)
     name = getattr(func, "__name__", type(func).__name__)
     bound = dict(getattr(solver, "keywords", None) or {})
@@ -122,7 +134,7 @@ def check_solver_setup(solver: Callable[..., Any], prior: Prior | None, operator
         if unknown:
             raise UserError(
                 f"solver {name} has no hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(valid) or '(none)'} "
-                "(check the spelling of the solver.* overrides)"
+                "(check the spelling of the solver.* overrides, or remove another solver's settings with ~solver.<name>)"
             )
     missing = [
         k for k, p in params.items()
@@ -131,6 +143,15 @@ def check_solver_setup(solver: Callable[..., Any], prior: Prior | None, operator
     ]
     if missing:
         raise UserError(f"solver {name} needs the hyperparameter(s) {', '.join(missing)} (set solver.<name>=... in the config)")
+
+
+def check_solver_setup(solver: Callable[..., Any], prior: Prior | None, operator: ForwardOperator) -> None:
+    """Refuse, before any data is read or file written, a solver set-up that cannot run: bad hyperparameters
+    (:func:`check_solver_arguments`), a diffusion solver without a prior, or a nonlinear operator for a solver that
+    needs its adjoint. Raises :class:`~diffinv_pl.errors.UserError`."""
+    check_solver_arguments(solver)
+    func = getattr(solver, "func", solver)
+    name = getattr(func, "__name__", type(func).__name__)
     if needs_prior(solver) and prior is None:
         raise UserError(
             f"solver {name} needs a prior: add prior=trained prior.path=<run>/checkpoints/last.ckpt (or pass prior= "

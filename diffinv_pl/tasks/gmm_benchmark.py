@@ -38,7 +38,7 @@ from diffinv_pl.data.gmm_problems import GMMProblemSet, make_gmm_problems
 from diffinv_pl.diffusion.schedules import SamplingGrid
 from diffinv_pl.operators.matrix import MatrixOperator
 from diffinv_pl.metrics.sliced_wasserstein import mode_weight_tv, random_directions, sliced_wasserstein_1_sorted, sorted_projections
-from diffinv_pl.solvers.base import InverseProblem, Solver
+from diffinv_pl.solvers.base import InverseProblem, Solver, check_solver_arguments
 from diffinv_pl.utils.io import atomic_write_text, csv_text
 from diffinv_pl.utils.random import GeneratorLike
 from diffinv_pl.utils.seeding import hash_seed
@@ -70,6 +70,7 @@ class SamplerSpec:
             raise UserError(f"unknown initial state(s) {bad or '(none given)'}; valid: {', '.join(INITS)}")
         if not callable(self.solver):
             raise UserError(f"a benchmark solver must be callable (see conf/solver), got {type(self.solver).__name__}")
+        check_solver_arguments(self.solver)
         if self.grid is not None and not isinstance(self.grid, SamplingGrid):
             raise UserError(f"grid must be a SamplingGrid (e.g. grid: ${{sampling_grid}}), got {type(self.grid).__name__}")
         exact = [i for i in self.inits if i in EXACT_INITS]
