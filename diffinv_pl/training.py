@@ -16,7 +16,6 @@ training checkpoint of this project, an output directory that already holds chec
 from __future__ import annotations
 
 import logging
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffinv_pl.errors import UserError, UserFileError
 from diffinv_pl.utils.devices import check_trainer_devices
+from diffinv_pl.utils.io import check_writable
 from diffinv_pl.utils.loggers import instantiate_loggers
 
 log = logging.getLogger(__name__)
@@ -81,24 +81,6 @@ def check_resume_checkpoint(ckpt_path: Any) -> None:
             f"ckpt_path={path} holds weights only (no optimizer and loop states), so training cannot resume from "
             f"it: {fix}"
         )
-
-
-def check_writable(directory: Path, what: str = "output directory") -> None:
-    """Create ``directory`` (with its parents) and write and remove a small probe file in it, so that an unwritable
-    output directory is refused before training instead of at the first checkpoint."""
-    probe = directory / f".diffinv_write_probe.{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        raise UserError(
-            f"cannot write to the {what} {str(directory)!r} ({reason}"
-            f"{': ' + str(err.filename) if err.filename and str(err.filename) not in (str(probe), str(directory)) else ''}"
-            "): "
-            "choose another paths.output_dir=<dir>, or fix the directory's permissions"
-        ) from err
 
 
 def run_training(cfg: DictConfig) -> dict[str, float]:

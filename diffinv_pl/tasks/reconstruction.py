@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import time
 import warnings
@@ -60,7 +59,7 @@ from diffinv_pl.operators.base import ForwardOperator
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.priors.network import as_prior
 from diffinv_pl.solvers.base import InverseProblem, Solver, check_solver_setup
-from diffinv_pl.utils.io import atomic_write_text, save_npy, save_png
+from diffinv_pl.utils.io import atomic_write_text, check_writable, save_npy, save_png
 from diffinv_pl.utils.locks import sample_lock, sample_locked_elsewhere
 from diffinv_pl.utils.ranges import UNIT, convert_range
 from diffinv_pl.utils.seeding import key_generator
@@ -174,16 +173,7 @@ class ReconstructionTask(L.LightningModule):
     def _prepare_output_dir(self) -> None:
         """After every check passed: probe that the directory is writable, discard old rows when overwriting (rank 0),
         write config.json."""
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.output_dir / f".write_probe.{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            raise UserError(
-                f"cannot write to the output directory {str(self.output_dir)!r} ({err.strerror or err}): choose "
-                "another paths.output_dir or fix its permissions"
-            ) from err
+        check_writable(self.output_dir)
         if self.global_rank == 0:
             if self.overwrite:
                 for row in (self.output_dir / "rows").glob("*.json"):

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffinv_pl.errors import UserError
+
 
 _UMASK_LOCK = threading.Lock()
 
@@ -89,3 +91,21 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def check_writable(directory: Path, what: str = "output directory") -> None:
+    """Create ``directory`` (with its parents) and write and remove a small probe file in it, so that an unwritable
+    output directory is refused before any work instead of at the first write (training, evaluation)."""
+    probe = directory / f".diffinv_write_probe.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(
+            f"cannot write to the {what} {str(directory)!r} ({reason}"
+            f"{': ' + str(err.filename) if err.filename and str(err.filename) not in (str(probe), str(directory)) else ''}"
+            "): "
+            "choose another paths.output_dir=<dir>, or fix the directory's permissions"
+        ) from err
