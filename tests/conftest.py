@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from diffinv_pl.priors.base import Prior
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
@@ -38,3 +40,18 @@ def user_error(main, argv, capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err
     return err
+
+
+class CountingPrior(Prior):
+    """Delegates to a prior and counts ``denoise`` calls; ``poison`` makes every denoised value NaN."""
+
+    def __init__(self, prior: Prior, poison: bool = False) -> None:
+        self.prior, self.calls, self.poison = prior, 0, poison
+
+    def denoise(self, x, sigma, *, generator=None):
+        self.calls += 1
+        out = self.prior.denoise(x, sigma, generator=generator)
+        return out * float("nan") if self.poison else out
+
+    def check_data_shape(self, data_shape):
+        self.prior.check_data_shape(data_shape)

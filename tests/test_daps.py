@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import CountingPrior
 
 from diffinv_pl.data.gmm_problems import make_gmm_problems
 from diffinv_pl.errors import UserError
@@ -44,18 +45,6 @@ class LinearLatentPrior(Prior):
         return z @ self.W.T
 
 
-class Counting(Prior):
-    """Counts denoise calls; ``poison`` makes every denoised value NaN."""
-
-    def __init__(self, prior: Prior, poison: bool = False) -> None:
-        self.prior, self.calls, self.poison = prior, 0, poison
-
-    def denoise(self, x, sigma, *, generator=None):
-        self.calls += 1
-        out = self.prior.denoise(x, sigma, generator=generator)
-        return out * float("nan") if self.poison else out
-
-
 def _small(seed: int = 0, scale: float = 0.01):
     """dx = 4, dy = 2, three-component mixture; A and y scaled so that the image constants (tau 0.01) are stable."""
     g = torch.Generator().manual_seed(seed)
@@ -87,7 +76,7 @@ def test_main_grid_drops_sigma_min_and_appends_zero_legacy_visits_it():
 def test_nfe_is_levels_times_ode_steps_and_the_task_table_is_used():
     prior, A, y = _small()
     problem = InverseProblem(y, MatrixOperator(A), 0.001)
-    counted = Counting(prior)
+    counted = CountingPrior(prior)
     steps = []
     result = daps(problem, counted, num_levels=7, ode_steps=3, mcmc_steps=2, generator=torch.Generator().manual_seed(0),
                   callback=steps.append)
@@ -214,7 +203,7 @@ def test_annealing_loop_with_an_exact_inner_draw_reaches_the_exact_sampling_floo
 def test_nan_names_daps_the_level_and_sigma():
     prior, A, y = _small()
     with pytest.raises(FloatingPointError, match=r"DAPS x0_hat .* at step 0 \(sigma=100\)"):
-        daps(InverseProblem(y, MatrixOperator(A), 0.001), Counting(prior, poison=True), num_levels=5, mcmc_steps=2,
+        daps(InverseProblem(y, MatrixOperator(A), 0.001), CountingPrior(prior, poison=True), num_levels=5, mcmc_steps=2,
              generator=torch.Generator().manual_seed(0))
     op = MatrixOperator(A.clone())
     op.matrix[0, 0] = float("nan")  # after construction (MatrixOperator refuses a NaN matrix)
@@ -250,7 +239,7 @@ def test_nan_names_daps_the_level_and_sigma():
 def test_bad_input_is_refused_before_any_denoiser_or_operator_call(bad, match):
     prior, A, y = _small()
     op = MatrixOperator(A)
-    counted = Counting(prior)
+    counted = CountingPrior(prior)
     sigma_y = 0.0 if bad.get("tau_relative") else 0.001
     with pytest.raises(UserError, match=match):
         daps(InverseProblem(y, op, sigma_y), counted, generator=torch.Generator().manual_seed(0), **bad)

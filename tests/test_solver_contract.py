@@ -16,7 +16,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import CONF, compose
+from conftest import CONF, CountingPrior, compose
 from hydra.utils import get_object, instantiate
 
 from diffinv_pl.diffusion import vp_grid
@@ -46,21 +46,6 @@ class CountingMatrix(MatrixOperator):
     def _adjoint(self, y):
         self.adjoints += 1
         return super()._adjoint(y)
-
-
-class CountingPrior(Prior):
-    """Delegates to a prior and counts ``denoise`` calls; ``poison`` makes every denoised value NaN."""
-
-    def __init__(self, prior: Prior, poison: bool = False) -> None:
-        self.prior, self.calls, self.poison = prior, 0, poison
-
-    def denoise(self, x, sigma, *, generator=None):
-        self.calls += 1
-        out = self.prior.denoise(x, sigma, generator=generator)
-        return out * float("nan") if self.poison else out
-
-    def check_data_shape(self, data_shape):
-        self.prior.check_data_shape(data_shape)
 
 
 @dataclass
