@@ -81,6 +81,11 @@ class InverseProblem:
             raise UserError(f"sigma_y of shape {tuple(sigma.shape)} does not broadcast to the state batch {batch}") from err
 
     @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype solvers compute in: y's (float32 for an integer y)."""
+        return self.y.dtype if self.y.is_floating_point() else torch.float32
+
+    @property
     def y_batch_shape(self) -> tuple[int, ...]:
         return tuple(self.y.shape[: self.y.ndim - len(self.operator.out_shape)])
 
@@ -178,8 +183,7 @@ def initial_state(
     prior.check_data_shape(data_shape)
     state_shape = prior.state_shape(data_shape)
     if x_init is None:
-        dtype = problem.y.dtype if problem.y.is_floating_point() else torch.float32
-        x_init = prior.initial_state(problem.batch_shape, data_shape, std, generator, dtype, problem.y.device)
+        x_init = prior.initial_state(problem.batch_shape, data_shape, std, generator, problem.state_dtype, problem.y.device)
     problem.check_state(x_init, state_shape)
     return x_init
 

@@ -29,10 +29,6 @@ def _linear(problem: InverseProblem, solver: str) -> LinearOperator:
     return problem.operator
 
 
-def _output_dtype(problem: InverseProblem) -> torch.dtype:
-    return problem.y.dtype if problem.y.is_floating_point() else torch.float32
-
-
 def pseudo_inverse(
     problem: InverseProblem,
     prior: Prior | None = None,
@@ -47,7 +43,7 @@ def pseudo_inverse(
         raise ValueError("pseudo_inverse has no initial state; do not pass x_init")
     shape = (*problem.batch_shape, *op.in_shape)
     with cost_meter(problem) as cost:
-        x = op.pinv(problem.y).to(_output_dtype(problem)).expand(shape).clone()
+        x = op.pinv(problem.y).to(problem.state_dtype).expand(shape).clone()
         check_finite(x, "pseudo-inverse", 0, 0.0, "check the operator and the measurement")
         if callback is not None:
             callback({"step": 0, "x": x})
@@ -96,7 +92,7 @@ def tv_least_squares(
     if len(op.in_shape) != 3:
         raise ValueError(f"TV needs image inputs (C, H, W), the operator takes {op.in_shape}")
     if x_init is None:
-        x_init = torch.zeros((*problem.batch_shape, *op.in_shape), dtype=_output_dtype(problem), device=problem.y.device)
+        x_init = torch.zeros((*problem.batch_shape, *op.in_shape), dtype=problem.state_dtype, device=problem.y.device)
     problem.check_state(x_init)
     lo, hi = op.input_range if (box and op.input_range is not None) else (None, None)
     with cost_meter(problem) as cost, torch.no_grad():

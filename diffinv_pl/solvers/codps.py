@@ -102,17 +102,13 @@ def check_codps_operator(name: str, problem: InverseProblem, gram_solver: str) -
             "solver.gram_solver=cg (conjugate gradients on the exact Gram system)"
         )
     try:
-        probe = _gram_call(op, torch.zeros_like(problem.y, dtype=_float_dtype(problem.y)), 1.0, 1.0)
+        probe = _gram_call(op, torch.zeros_like(problem.y, dtype=problem.state_dtype), 1.0, 1.0)
     except TypeError as err:
         raise UserError(
             f"{name}: {err}. Use solver.gram_solver=cg (conjugate gradients on the Gram system) or another operator"
         ) from err
     if not bool(torch.isfinite(probe).all()):
         raise ValueError(f"{name}: the operator's Gram inverse returns NaN/Inf; check how the operator was built")
-
-
-def _float_dtype(y: Tensor) -> torch.dtype:
-    return y.dtype if y.is_floating_point() else torch.float32
 
 
 def dense_gram_inverse(op: MatrixOperator, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:

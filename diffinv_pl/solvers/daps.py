@@ -139,8 +139,7 @@ def _event_shape_weight(problem: InverseProblem, weight: Tensor) -> Tensor:
 
 def likelihood_weight(problem: InverseProblem, tau: float, tau_relative: bool, likelihood: str) -> Tensor:
     """c / tau_eff^2 (c = 1 main, 1/2 legacy), broadcastable against A(x) - y. Raises UserError for tau_eff <= 0."""
-    y = problem.y
-    dtype = y.dtype if y.is_floating_point() else torch.float32
+    y, dtype = problem.y, problem.state_dtype
     if not (math.isfinite(tau) and tau > 0):
         raise UserError(f"DAPS: the likelihood temperature tau must be > 0 (and finite), got {tau}")
     tau_eff = torch.as_tensor(tau, dtype=dtype, device=y.device)
