@@ -9,6 +9,7 @@ call and is counted as one.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,35 @@ def _has_event_shape(t: Tensor, event_shape: tuple[int, ...]) -> bool:
     """True when the trailing dimensions of t are exactly event_shape."""
     n = len(event_shape)
     return t.ndim >= n and tuple(t.shape[t.ndim - n:]) == tuple(event_shape)
+
+
+def conjugate_gradient(
+    apply: Callable[[Tensor], Tensor], b: Tensor, event_ndim: int, tol: float, max_iter: int
+) -> tuple[Tensor, bool]:
+    """Solve G x = b for a symmetric positive (semi-)definite G (``apply``), one system per batch row (the trailing
+    ``event_ndim`` dimensions are the vector), by conjugate gradients from x = 0; stops when every row's residual falls
+    below ``tol`` relative to its ||b||. Returns (x, converged). From 0, CG stays in range(G): for the normal equations
+    A^T A x = A^T y it converges to the minimum-norm least-squares solution."""
+    dims = tuple(range(b.ndim - event_ndim, b.ndim))
+    tiny = torch.finfo(b.dtype).tiny
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum(dims, keepdim=True)
+    target = tol**2 * rs.clamp(min=tiny)
+    if bool((rs <= target).all()):
+        return x, True
+    for _ in range(max_iter):
+        Gp = apply(p)
+        alpha = rs / (p * Gp).sum(dims, keepdim=True).clamp(min=tiny)
+        x = x + alpha * p
+        r = r - alpha * Gp
+        rs_new = (r * r).sum(dims, keepdim=True)
+        if bool((rs_new <= target).all()):
+            return x, True
+        p = r + (rs_new / rs.clamp(min=tiny)) * p
+        rs = rs_new
+    return x, False
 
 
 class ForwardOperator(nn.Module, ABC):
@@ -159,27 +189,16 @@ class LinearOperator(ForwardOperator):
         (masks, FFT diagonalisable ones) or a better approximate one (FBP for CT) override this. Every A and A^T
         evaluation is counted in ``forward_calls`` / ``adjoint_calls`` (solver cost).
         """
+
+        def normal_operator(p: Tensor) -> Tensor:
+            self.forward_calls += 1
+            self.adjoint_calls += 1
+            return self._adjoint(self._forward(p))
+
         with torch.no_grad():
             self.adjoint_calls += 1
             b = self._adjoint(y)
-            x = torch.zeros_like(b)
-            r = b.clone()
-            p = r.clone()
-            dims = tuple(range(b.ndim - len(self.in_shape), b.ndim))
-            rs = (r * r).sum(dims, keepdim=True)
-            target = tol**2 * rs.clamp(min=torch.finfo(b.dtype).tiny)
-            for _ in range(num_iterations):
-                self.forward_calls += 1
-                self.adjoint_calls += 1
-                Ap = self._adjoint(self._forward(p))
-                alpha = rs / (p * Ap).sum(dims, keepdim=True).clamp(min=torch.finfo(b.dtype).tiny)
-                x = x + alpha * p
-                r = r - alpha * Ap
-                rs_new = (r * r).sum(dims, keepdim=True)
-                if bool((rs_new <= target).all()):
-                    break
-                p = r + (rs_new / rs) * p
-                rs = rs_new
+            x, _ = conjugate_gradient(normal_operator, b, len(self.in_shape), tol, num_iterations)
         return x
 
     def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:

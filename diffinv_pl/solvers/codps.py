@@ -46,7 +46,7 @@ from torch import Tensor
 from diffinv_pl.diffusion.schedules import SamplingGrid
 from diffinv_pl.diffusion.steps import ddim_noise_levels, ddim_step
 from diffinv_pl.errors import UserError
-from diffinv_pl.operators.base import LinearOperator
+from diffinv_pl.operators.base import LinearOperator, conjugate_gradient
 from diffinv_pl.operators.matrix import MatrixOperator
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.solvers.base import (
@@ -147,27 +147,8 @@ def _gram_cg(
 ) -> tuple[Tensor, bool]:
     """Solve (I + c A A^T) z = r per row by conjugate gradients (SPD, eigenvalues >= 1); returns (z, converged)."""
     nd = len(op.out_shape)
-    dims = tuple(range(r.ndim - nd, r.ndim))
     c_b = c.reshape(*c.shape, *([1] * nd)) if torch.is_tensor(c) and c.ndim else c
-    z = torch.zeros_like(r)
-    res = r.clone()
-    p = res.clone()
-    rs = (res * res).sum(dims, keepdim=True)
-    target = tol**2 * rs.clamp(min=torch.finfo(r.dtype).tiny)
-    if bool((rs <= target).all()):
-        return z, True
-    tiny = torch.finfo(r.dtype).tiny
-    for _ in range(max_iter):
-        Gp = p + c_b * op(op.adjoint(p))
-        alpha = rs / (p * Gp).sum(dims, keepdim=True).clamp(min=tiny)
-        z = z + alpha * p
-        res = res - alpha * Gp
-        rs_new = (res * res).sum(dims, keepdim=True)
-        if bool((rs_new <= target).all()):
-            return z, True
-        p = res + (rs_new / rs.clamp(min=tiny)) * p
-        rs = rs_new
-    return z, False
+    return conjugate_gradient(lambda p: p + c_b * op(op.adjoint(p)), r, nd, tol, max_iter)
 
 
 def _codps(
