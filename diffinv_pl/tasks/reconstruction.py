@@ -208,9 +208,6 @@ class ReconstructionTask(L.LightningModule):
             )
 
     # ------------------------------------------------------------------------------------------------------ running
-    def finished_keys(self) -> set[str]:
-        return {json.loads(p.read_text())["key"] for p in (self.output_dir / "rows").glob("*.json")}
-
     def _range(self) -> tuple[float, float]:
         return tuple(self.operator.input_range) if self.operator.input_range is not None else UNIT
 
