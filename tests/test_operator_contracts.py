@@ -89,6 +89,12 @@ def test_gram_inverse_matches_a_dense_solve(name):
     sigma_y, v = 0.3, 0.7
     expected = torch.linalg.solve(sigma_y**2 * torch.eye(A.shape[0], dtype=F64) + v * A @ A.T, y.reshape(-1))
     assert torch.allclose(op.gram_inverse(y, sigma_y, v).reshape(-1), expected, rtol=1e-8, atol=1e-10)
+    # one v per sample (CoDPS with a per-sample noise level): row b uses v_b
+    ys = torch.randn(3, *op.out_shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+    vs = torch.tensor([0.2, 0.7, 1.5], dtype=F64)
+    per_sample = op.gram_inverse(ys, sigma_y, vs)
+    for b in range(3):
+        torch.testing.assert_close(per_sample[b], op.gram_inverse(ys[b : b + 1], sigma_y, float(vs[b]))[0], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(TINY))

@@ -86,7 +86,7 @@ class Identity(LinearOperator):
         return y.clone()
 
     def gram_inverse(self, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
-        return y / (sigma_y**2 + v)
+        return y / (sigma_y**2 + _per_sample(v, y))
 
 
 class Blur(LinearOperator):

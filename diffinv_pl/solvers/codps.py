@@ -137,8 +137,7 @@ def _gram_call(op: LinearOperator, r: Tensor, sigma: float, v: Tensor | float) -
         return dense_gram_inverse(op, r, sigma, v)
     out_shape = tuple(op.out_shape)
     flat = r.reshape(-1, *out_shape)
-    # one v per flat row, shaped to broadcast on (B, *out_shape) (image operators reshape it the same way themselves)
-    v_flat = v.reshape(-1, *([1] * len(out_shape))) if torch.is_tensor(v) and v.ndim else v
+    v_flat = v.reshape(-1) if torch.is_tensor(v) and v.ndim else v  # one v per flat row
     return op.gram_inverse(flat, sigma, v_flat).reshape(r.shape)
 
 
