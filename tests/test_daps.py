@@ -24,6 +24,7 @@ from diffinv_pl.solvers.daps import (
     daps_mcmc,
     likelihood_weight,
     ode_sigmas,
+    relative_step_scale,
 )
 
 F64 = torch.float64
@@ -194,6 +195,42 @@ def test_annealing_loop_with_an_exact_inner_draw_reaches_the_exact_sampling_floo
     sw = torch.tensor([sliced_wasserstein_1(samples[p], ref[p], dirs) for p in range(P)])
     floor = torch.tensor([sliced_wasserstein_1(other[p], ref[p], dirs) for p in range(P)])
     assert sw.mean() <= 1.3 * floor.mean(), (sw, floor)
+
+
+def test_relative_step_is_lr_over_the_largest_inner_precision_per_problem():
+    """lr_relative: the unit 1 / L_k equals 1 / lambda_max(I / sigma_k^2 + 2 w_i A^T A) for each row's own weight
+    w_i = 1 / (tau sigma_y,i)^2 (tau relative), and the Langevin chain with lr = 0.5 in these units stays finite
+    where the absolute image step diverges."""
+    prior, A, y = _small(scale=1.0)
+    sigma_y = torch.tensor([0.01, 0.1], dtype=F64)
+    problem = InverseProblem(y, MatrixOperator(A), sigma_y)
+    weight = likelihood_weight(problem, 1.0, True, "main")
+    unit = relative_step_scale(problem, weight, state_ndim=2)
+    for sigma in (50.0, 0.5):
+        for i in range(2):
+            precision = torch.eye(4, dtype=F64) / sigma**2 + 2 / sigma_y[i] ** 2 * A.T @ A
+            expected = 1 / float(torch.linalg.eigvalsh(precision).max())
+            assert float(unit(sigma)[i, 0]) == pytest.approx(expected, rel=1e-8)
+    out = daps(problem, prior, num_levels=5, mcmc_steps=50, lr=0.5, lr_relative=True, tau=1.0, tau_relative=True,
+               generator=torch.Generator().manual_seed(0)).samples
+    assert bool(torch.isfinite(out).all())
+    with pytest.raises(FloatingPointError):
+        daps(problem, prior, num_levels=5, mcmc_steps=50, lr=1e-4, tau=0.01, generator=torch.Generator().manual_seed(0))
+
+
+def test_relative_step_refuses_a_nonlinear_operator():
+    from diffinv_pl.operators import build_operator
+
+    op = build_operator(name="hdr", scale=2.0, channels=1, image_size=4)
+    x = torch.rand(1, 1, 4, 4, dtype=F64)
+    prior = GaussianMixture.isotropic(torch.ones(1, dtype=F64), torch.zeros(1, 16, dtype=F64))
+
+    class Flat(Prior):
+        def denoise(self, x, sigma, *, generator=None):
+            return prior.denoise(x.flatten(1), sigma).reshape(x.shape)
+
+    with pytest.raises(UserError, match="lr_relative needs a linear operator"):
+        daps(InverseProblem(op(x), op, 0.05), Flat(), lr_relative=True, generator=torch.Generator().manual_seed(0))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,11 @@ class MatrixOperator(LinearOperator):
     def num_problems(self) -> int:
         return 1 if self.matrix.ndim == 2 else self.matrix.shape[0]
 
+    @property
+    def param_batch_size(self) -> int:
+        """One parameter set (matrix) per problem: ``norm()`` is the largest of the P matrix norms."""
+        return self.num_problems
+
     def _apply(self, mat: Tensor, v: Tensor) -> Tensor:
         if mat.ndim == 2:
             return v @ mat.transpose(-1, -2).to(v.dtype)

@@ -22,6 +22,10 @@ main branch (methods.md §5 and the corrections of §0.5).
   s = -grad c ||A(decode x0) - y||^2 / tau^2 + (x0_hat - x0) / sigma_k^2 (the "gaussian" prior solver: the MCMC
   steps call the operator, never the network). ``grad_clip`` clips the likelihood gradient elementwise (LatentDAPS
   uses 1).
+* ``lr_relative: true`` reads lr in units of 1 / L_k, the largest precision of the inner target of level k for a
+  linear operator: L_k = 1 / sigma_k^2 + 2 c ||A||^2 / tau_eff^2 (per problem when tau is relative), so lr = 0.5
+  is a stable Langevin step at every level and every sigma_y (methods.md §0.5, for analytic benchmarks whose sigma_y
+  spans decades). Nonlinear operators are refused in this mode (no ||A||).
 * ``x0_hat: tweedie`` uses D(x_k, sigma_k) (one NFE) instead of the ODE end point: the inner target is then much less
   biased for analytic priors (methods.md §0.5).
 * The state lives in the prior's state space: the ODE and the MCMC run on it, the operator sees ``prior.decode(x0)``
@@ -45,6 +49,7 @@ from torch import Tensor
 from diffinv_pl.diffusion.schedules import edm_sigmas
 from diffinv_pl.diffusion.steps import euler_step
 from diffinv_pl.errors import UserError
+from diffinv_pl.operators.base import LinearOperator
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.solvers.base import (
     Callback,
@@ -156,12 +161,19 @@ def likelihood_gradient(
     problem: InverseProblem, prior: Prior, x0: Tensor, weight: Tensor | float, grad_clip: float | None = None
 ) -> Tensor:
     """grad_{x0} sum weight * (A(decode x0) - y)^2 (one operator forward and one backward), optionally clipped
-    elementwise to [-grad_clip, grad_clip]."""
-    with torch.enable_grad():
-        x = x0.detach().requires_grad_(True)
-        residual = problem.operator(prior.decode(x)) - problem.y
-        loss = (weight * residual.pow(2)).sum()
-        (grad,) = torch.autograd.grad(loss, x)
+    elementwise to [-grad_clip, grad_clip]. For a linear operator and a pixel prior (decode = identity) it is the
+    closed form 2 A^T (weight (A x0 - y)), without building an autograd graph (the same operator calls, less time:
+    experiments/solvers/README.md); otherwise autograd through decode and the operator."""
+    operator = problem.operator
+    if isinstance(operator, LinearOperator) and type(prior).decode is Prior.decode:
+        with torch.no_grad():
+            grad = operator.adjoint((operator(x0) - problem.y).mul_(2 * weight))
+    else:
+        with torch.enable_grad():
+            x = x0.detach().requires_grad_(True)
+            residual = operator(prior.decode(x)) - problem.y
+            loss = (weight * residual.pow(2)).sum()
+            (grad,) = torch.autograd.grad(loss, x)
     if grad_clip is not None:
         grad = grad.clamp(-grad_clip, grad_clip)
     return grad
@@ -182,21 +194,43 @@ def daps_mcmc(
     generator: GeneratorLike = None,
 ) -> Tensor:
     """DAPS's inner chain on N(x0; x0_hat, sigma^2 I) exp(-sum weight (A(decode x0) - y)^2), started at x0_hat:
-    ``steps`` Langevin or HMC steps of size ``lr`` (module docstring). Returns the last state."""
+    ``steps`` Langevin or HMC steps of size ``lr`` (module docstring; a tensor ``lr`` broadcast against the state
+    gives one step size per row). Returns the last state."""
     x0_hat = x0_hat.detach()
     x = x0_hat.clone()
     prec = 1.0 / sigma**2
     v = randn(x.shape, generator, x.dtype, x.device) if mcmc == "hmc" else None
-    root_lr = math.sqrt(lr)
+    root_lr = lr.sqrt() if isinstance(lr, Tensor) else math.sqrt(lr)
+    root_2lr = (2 * lr).sqrt() if isinstance(lr, Tensor) else math.sqrt(2 * lr)
     for _ in range(steps):
         score = (x0_hat - x).mul_(prec).sub_(likelihood_gradient(problem, prior, x, weight, grad_clip))
         noise = randn(x.shape, generator, x.dtype, x.device)
         if v is None:
-            x = x.add_(score, alpha=lr).add_(noise, alpha=math.sqrt(2 * lr))
+            x = x.add_(score.mul_(lr)).add_(noise.mul_(root_2lr))
         else:
-            v = v.mul_(momentum).add_(score, alpha=root_lr).add_(noise, alpha=math.sqrt(2 * (1 - momentum)))
-            x = x.add(v, alpha=root_lr)
+            v = v.mul_(momentum).add_(score.mul_(root_lr)).add_(noise, alpha=math.sqrt(2 * (1 - momentum)))
+            x = x.add(v * root_lr)
     return x
+
+
+def relative_step_scale(problem: InverseProblem, weight: Tensor, state_ndim: int) -> Callable[[float], Tensor]:
+    """sigma_k -> 1 / L_k with L_k = 1 / sigma_k^2 + 2 weight ||A||^2, the largest precision of the inner target
+    N(x0_hat, sigma_k^2 I) exp(-weight ||A x0 - y||^2) (``lr_relative``); shaped (batch, 1, ..., 1) against a
+    state of ``state_ndim`` dimensions. Needs a linear operator (UserError otherwise)."""
+    operator = problem.operator
+    if not isinstance(operator, LinearOperator):
+        raise UserError(
+            f"DAPS: lr_relative needs a linear operator (its step unit uses ||A||), got {type(operator).__name__}; "
+            "set lr_relative=false and give an absolute lr"
+        )
+    squared_norm = operator.norm() ** 2
+    batch = weight.reshape(weight.shape[: weight.ndim - len(operator.out_shape)])
+    batch = batch.reshape(*batch.shape, *([1] * (state_ndim - batch.ndim)))
+
+    def scale(sigma: float) -> Tensor:
+        return 1.0 / (1.0 / sigma**2 + 2 * batch * squared_norm)
+
+    return scale
 
 
 def daps_annealing(
@@ -261,6 +295,7 @@ def daps(
     mcmc_steps: int = 100,
     lr: float = 1e-4,
     lr_min_ratio: float = 0.01,
+    lr_relative: bool = False,
     momentum: float = 0.0,
     tau: float = 0.01,
     tau_relative: bool = False,
@@ -303,10 +338,16 @@ def daps(
     if grad_clip is not None and not grad_clip > 0:
         raise UserError(f"DAPS: grad_clip must be > 0 or null, got {grad_clip}")
     weight = likelihood_weight(problem, tau, tau_relative, likelihood)
+    if not isinstance(weight, Tensor) or weight.ndim == 0:
+        weight = torch.as_tensor(weight).reshape([1] * (len(problem.y_batch_shape) + len(problem.operator.out_shape)))
+    state_ndim = len(problem.batch_shape) + len(prior.state_shape(problem.operator.in_shape))
+    unit = relative_step_scale(problem, weight, state_ndim) if lr_relative else None
     decay_steps = num_levels + 1 if annealing == "main" else num_levels
 
     def inner(estimate: Tensor, x: Tensor, sigma: float, k: int) -> Tensor:
         step = lr * (1 + (k / decay_steps) * (lr_min_ratio - 1))
+        if unit is not None:
+            step = (step * unit(sigma)).to(dtype=estimate.dtype, device=estimate.device)
         return daps_mcmc(
             problem, prior, estimate, sigma, mcmc=mcmc, steps=mcmc_steps, lr=step, momentum=momentum,
             weight=weight, grad_clip=grad_clip, generator=generator,
