@@ -1,4 +1,5 @@
-"""Every conf/experiment/* composes with the real configs and runs in a tiny CPU variant; CLI behaviour."""
+"""Every conf/experiment/* composes with the real configs and runs in a tiny CPU variant; the paper-scale image
+experiments (DAPS, CoDPS, CoDPS+) hold the paper's numbers and refuse to run without their checkpoint; CLI behaviour."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from conftest import CONF, REPO, compose
+from diffinv_pl.errors import UserFileError, find_user_error
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -29,7 +31,19 @@ TINY = {
 }
 
 
-def _compose_experiment(name: str, tmp_path: Path):
+def _has_tiny_variant(name: str) -> bool:
+    return (CONF / "experiment" / f"{name}_tiny.yaml").exists()
+
+
+def _tiny_overrides(name: str, kind: str) -> list[str]:
+    """Overrides that make an experiment tiny: none for an experiment that is a tiny variant itself or has one (the
+    paper-scale one is checked without running), otherwise by task type."""
+    if name.endswith("_tiny") or _has_tiny_variant(name):
+        return []
+    return TINY[kind]
+
+
+def _compose_experiment(name: str, tmp_path: Path, extra: tuple[str, ...] = ()):
     """(entry point, config): experiments belong to whichever entry point they compose with; tiny by task type."""
     errors = []
     for entry in ("evaluate", "train"):
@@ -39,8 +53,9 @@ def _compose_experiment(name: str, tmp_path: Path):
             errors.append(f"{entry}: {err}")
             continue
         kind = base.task._target_.rsplit(".", 1)[-1] if entry == "evaluate" else "train"
-        extra = ["task.sigmas_y=[0.1]"] if name == "gmm_tmpd" else []
-        return entry, compose(entry, [f"experiment={name}", f"paths.output_dir={tmp_path}", *TINY[kind], *extra])
+        extra = (*extra, "task.sigmas_y=[0.1]") if name == "gmm_tmpd" else extra
+        overrides = [f"experiment={name}", f"paths.output_dir={tmp_path}", *_tiny_overrides(name, kind), *extra]
+        return entry, compose(entry, overrides)
     pytest.fail(f"experiment {name} composes with no entry point: {errors}")
 
 
@@ -56,12 +71,59 @@ def _sampler_inits(cfg) -> dict[str, list[str]]:
     return out
 
 
+def _tiny_kernel_wizard(tmp_path: Path, network) -> Path:
+    """A random-weights KernelWizard file of the width ``network`` (the nonlinear-blur operator's weights)."""
+    import torch
+
+    from diffinv_pl.operators.nonlinear_blur import KernelWizard
+
+    torch.manual_seed(0)
+    path = tmp_path / "weights" / "GOPRO_wVAE_tiny.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(KernelWizard(**network).state_dict(), path)
+    return path
+
+
+def _needs_kernel_wizard(name: str) -> bool:
+    return name.startswith("daps_nonlinear_deblur")
+
+
+def _check_refuses_without_checkpoint(name: str, tmp_path: Path) -> None:
+    """A paper-scale image experiment, with an empty data dir, stops with one UserFileError naming prior.path and how
+    to get the checkpoint, before anything is written to the output dir."""
+    from diffinv_pl.cli import run_evaluation
+
+    data_dir, out = tmp_path / "data", tmp_path / "out"
+    data_dir.mkdir()
+    extra = [f"paths.data_dir={data_dir}"]
+    if _needs_kernel_wizard(name):  # the operator is built first: give it (small random) weights to get to the prior
+        network = {"nf": 4, "front_blocks": 1, "back_blocks": 2, "kernel_dim": 32, "extractor_blocks": 1, "tail_nf": 8}
+        path = _tiny_kernel_wizard(tmp_path, network)
+        extra += [f"operator.weights_path={path}", "operator.network=" + str(network).replace("'", "").replace(" ", "")]
+    cfg = compose("evaluate", [f"experiment={name}", f"paths.output_dir={out}", *extra])
+    with pytest.raises(Exception) as info:
+        run_evaluation(cfg)
+    err = find_user_error(info.value)
+    assert isinstance(err, UserFileError), f"expected a UserFileError, got {info.value!r}"
+    expected = str(data_dir / "weights" / "ffhq256_prior.ckpt")
+    assert expected in str(err) and "prior.path=" in str(err) and "train.py" in str(err)
+    assert not out.exists() or not any(out.iterdir()), f"{name} wrote {sorted(out.iterdir())} before refusing"
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path):
-    entry, cfg = _compose_experiment(name, tmp_path)
     text = (CONF / "experiment" / f"{name}.yaml").read_text()
     assert text.startswith("# @package _global_"), f"{name}.yaml must start with '# @package _global_'"
-    if entry == "evaluate":
+    extra: tuple[str, ...] = ()
+    if name.endswith("_tiny") and _needs_kernel_wizard(name):
+        network = compose("evaluate", [f"experiment={name}", f"paths.output_dir={tmp_path}"]).operator.network
+        extra = (f"operator.weights_path={_tiny_kernel_wizard(tmp_path, dict(network))}",)
+    entry, cfg = _compose_experiment(name, tmp_path / "out", extra)
+    if entry == "evaluate" and _has_tiny_variant(name):
+        # paper-scale image experiment: its tiny CPU variant <name>_tiny runs as its own case; this one must refuse
+        # cleanly without its checkpoint (its paper numbers: test_paper_image_experiments_hold_the_paper_numbers)
+        _check_refuses_without_checkpoint(name, tmp_path)
+    elif entry == "evaluate":
         from diffinv_pl.cli import run_evaluation
 
         table = run_evaluation(cfg)
@@ -70,11 +132,11 @@ def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path):
             runs = {(row["sampler"], row["init"]) for row in table}
             assert runs == {(label, init) for label, inits in _sampler_inits(cfg).items() for init in inits}
             assert all(math.isfinite(row[k]) for row in table for k in ("sw1", "floor_sw1", "mode_tv"))
-            assert (tmp_path / "table.md").exists() and (tmp_path / "per_problem.csv").exists()
+            assert (tmp_path / "out" / "table.md").exists() and (tmp_path / "out" / "per_problem.csv").exists()
         else:
-            assert table[0]["num_samples"] == 2 and table[0]["psnr"] > 0
-            assert (tmp_path / "results.md").exists()
-    elif (CONF / "experiment" / f"{name}_tiny.yaml").exists():
+            assert table[0]["num_samples"] == 2 and math.isfinite(table[0]["psnr"]) and table[0]["psnr"] > 0
+            assert (tmp_path / "out" / "results.md").exists()
+    elif _has_tiny_variant(name):
         # paper-scale training config (GPU trainer): its tiny CPU variant <name>_tiny runs as its own case; here the
         # paper-scale model and data module are built and checked without training
         from hydra.utils import instantiate
@@ -88,6 +150,95 @@ def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path):
 
         metrics = run_training(cfg)
         assert metrics and all(math.isfinite(float(v)) for v in metrics.values()), metrics
+
+
+# ------------------------------------------------------------------------------ paper numbers of the image experiments
+# methods.md §5.3: DAPS-1K pixel sampler edm_daps, and the Langevin (L, lr, lr_min_ratio) of each DAPS task.
+DAPS_SAMPLER = {"num_levels": 200, "sigma_max": 100.0, "sigma_min": 0.1, "ode_steps": 5, "sigma_ode_min": 0.01,
+                "tau": 0.01, "mcmc": "langevin", "annealing": "main", "likelihood": "main", "rho": 7.0}
+DAPS_LANGEVIN = {"phase_retrieval": (100, 5e-5, 0.01), "down_sampling": (100, 1e-4, 0.01),
+                 "inpainting": (100, 5e-5, 0.01), "inpainting_rand": (100, 1e-4, 0.01),
+                 "gaussian_blur": (100, 1e-4, 0.01), "motion_blur": (100, 5e-5, 0.01),
+                 "nonlinear_blur": (200, 1e-5, 0.01), "hdr": (100, 2e-5, 0.01)}
+# methods.md §5.4: experiment -> (DAPS task, operator parameters)
+DAPS_TASKS = {
+    "daps_phase_retrieval": ("phase_retrieval",
+                             {"name": "phase_retrieval", "oversample": 2.0, "input_range": [0.0, 1.0]}),
+    "daps_sr4": ("down_sampling", {"name": "sr_bicubic", "factor": 4}),
+    "daps_box_inpaint": ("inpainting", {"name": "inpainting_box", "box_size": 128, "margin": 32}),
+    "daps_random_inpaint": ("inpainting_rand", {"name": "inpainting_random", "drop_range": [0.7, 0.71]}),
+    "daps_gaussian_deblur": ("gaussian_blur", {"name": "gaussian_blur", "kernel_size": 61, "std": 3.0}),
+    "daps_motion_deblur": ("motion_blur", {"name": "motion_blur", "kernel_size": 61, "intensity": 0.5}),
+    "daps_nonlinear_deblur": ("nonlinear_blur", {"name": "nonlinear_blur", "kernel_seed": 0, "kernel_std": 1.2,
+                                                 "network": None}),
+    "daps_hdr": ("hdr", {"name": "hdr", "scale": 2.0}),
+}
+# methods.md §6.3 FFHQ rows: (scale, t_div, div_ratio, inv_var); §6.4 operators (circular blurs, SR = blur + stride)
+CODPS_FFHQ = {
+    "codps_gaussian_deblur": (0.01, 200, 10.0, 0.1), "codps_motion_deblur": (0.01, 200, 10.0, 0.1),
+    "codps_sr4": (0.01, 100, 10.0, 0.1), "codps_random_inpaint": (0.4, 80, 1000.0, 500.0),
+    "codps_plus_gaussian_deblur": (0.05, 15, 10.0, 1.0), "codps_plus_motion_deblur": (0.05, 15, 20.0, 1.0),
+    "codps_plus_sr4": (0.05, 15, 5.0, 2.0), "codps_plus_random_inpaint": (0.4, 10, 100.0, 0.0),
+}
+CODPS_OPERATORS = {
+    "gaussian_deblur": {"name": "gaussian_blur_circular", "kernel_size": 61, "std": 3.0, "boundary": "circular"},
+    "motion_deblur": {"name": "motion_blur", "kernel_size": 61, "intensity": 0.5, "boundary": "circular"},
+    "sr4": {"name": "sr_blur_stride", "factor": 4, "kernel_size": 9, "std": 3.0},
+    "random_inpaint": {"name": "inpainting_random", "drop_range": [0.7, 0.8]},
+}
+PAPER_IMAGE_EXPERIMENTS = sorted([*DAPS_TASKS, *CODPS_FFHQ])
+
+
+def test_every_image_experiment_has_its_paper_numbers_checked():
+    image = {n for n in EXPERIMENTS if n.startswith(("daps_", "codps_")) and not n.endswith("_tiny")}
+    assert image == set(PAPER_IMAGE_EXPERIMENTS)
+    assert all(_has_tiny_variant(n) for n in PAPER_IMAGE_EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", PAPER_IMAGE_EXPERIMENTS)
+def test_paper_image_experiments_hold_the_paper_numbers(name, tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = compose("evaluate", [f"experiment={name}", f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path}"])
+    solver = OmegaConf.to_container(cfg.solver, resolve=False)
+    operator = OmegaConf.to_container(cfg.operator, resolve=True)
+    # FFHQ-256 RGB on [-1, 1] (phase retrieval: DAPS's [0, 1]), sigma_y 0.05, the trained whole-image prior
+    assert cfg.task._target_.endswith("ReconstructionTask") and cfg.task.sigma_y == 0.05 and cfg.task_name == name
+    assert operator["image_size"] == 256 and operator["channels"] == 3
+    assert cfg.data._target_.endswith("ImageFolderDataset") and cfg.data.image_size == 256 and cfg.data.mode == "RGB"
+    assert cfg.prior._target_ == "diffinv_pl.priors.checkpoints.trained_prior"
+    assert cfg.prior.path == f"{tmp_path}/weights/ffhq256_prior.ckpt" and cfg.prior.expected_channels == 3
+    if name in DAPS_TASKS:
+        task, op = DAPS_TASKS[name]
+        assert solver["_target_"] == "diffinv_pl.solvers.daps"
+        assert {k: v for k, v in operator.items() if k in op} == op
+        L, lr, ratio = DAPS_LANGEVIN[task]
+        if name == "daps_phase_retrieval":
+            # the state is the [0, 1] image u = (x + 1) / 2: every sigma halved, the step size divided by 4 (the
+            # config's comment derives it), 4 runs
+            expected = {**DAPS_SAMPLER, "sigma_max": 50.0, "sigma_min": 0.05, "sigma_ode_min": 0.005, "task": None,
+                        "mcmc_steps": L, "lr": lr / 4, "lr_min_ratio": ratio}
+            assert cfg.task.num_runs == 4 and list(cfg.prior.data_range) == [0.0, 1.0]
+        else:
+            from diffinv_pl.solvers.daps import PIXEL_LANGEVIN
+
+            expected = {**DAPS_SAMPLER, "task": task}
+            assert PIXEL_LANGEVIN[task] == (L, lr, ratio)
+            assert cfg.task.num_runs == 1 and list(cfg.prior.data_range) == [-1.0, 1.0]
+    else:
+        plus = name.startswith("codps_plus_")
+        task = name.removeprefix("codps_plus_" if plus else "codps_")
+        scale, t_div, div_ratio, inv_var = CODPS_FFHQ[name]
+        assert solver["_target_"] == ("diffinv_pl.solvers.codps_plus" if plus else "diffinv_pl.solvers.codps")
+        expected = {"scale": scale, "t_div": t_div, "div_ratio": div_ratio, "inv_var": inv_var, "eta": 1.0,
+                    "schedule": "constant", "clip_denoised": [-1.0, 1.0], "gram_solver": "exact"}
+        op = CODPS_OPERATORS[task]
+        assert {k: v for k, v in operator.items() if k in op} == op
+        assert cfg.sampling_grid._target_.endswith("vp_grid") and cfg.sampling_grid.beta_schedule == "linear"
+        assert cfg.sampling_grid.num_train_steps == 1000
+        assert str(cfg.sampling_grid.num_steps) == ("ddim100" if plus else "1000")
+        assert list(cfg.prior.data_range) == [-1.0, 1.0]
+    assert {k: solver[k] for k in expected} == expected
 
 
 def test_unknown_experiment_and_solver_names_list_the_valid_ones(tmp_path):

@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffinv_pl.errors import UserFileError
 from diffinv_pl.operators.base import ForwardOperator
 
 WEIGHTS_FILE = "GOPRO_wVAE.pth"
@@ -414,7 +415,7 @@ class NonlinearBlur(ForwardOperator):
         super().__init__()
         path = Path(os.path.expanduser(str(weights_path)))
         if not path.is_file():
-            raise FileNotFoundError(
+            raise UserFileError(
                 f"nonlinear-blur weights not found at '{path}': this operator needs the pretrained bkse KernelWizard "
                 f"checkpoint {WEIGHTS_FILE} (GOPRO, with VAE) of VinAIResearch/blur-kernel-space-exploring, the file "
                 f"DPS and DAPS use, which cannot be downloaded here (no network access, no automatic downloads). "

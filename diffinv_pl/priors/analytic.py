@@ -1,4 +1,5 @@
-"""Analytic priors with exact noisy scores: Gaussian mixtures (a Gaussian is the K = 1 case).
+"""Analytic priors with exact noisy scores: Gaussian mixtures (a Gaussian is the K = 1 case) on vectors, and
+:class:`StationaryGaussianPrior`, a Gaussian on images with a periodic stationary covariance (FFT denoiser).
 
 Formulas: shared/reference/exact_posterior.md §3, in the variance-exploding form x = x0 + sigma n (s = 1; a VP state
 x_t = s x is handled by the caller dividing by s, see :mod:`diffinv_pl.diffusion.preconditioning`).
@@ -26,8 +27,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from diffinv_pl.errors import UserError
 from diffinv_pl.priors.base import Prior
-from diffinv_pl.utils.random import GeneratorLike
+from diffinv_pl.utils.random import GeneratorLike, randn
 
 EigenFn = Callable[[Tensor], Tensor]
 
@@ -502,3 +504,163 @@ def _normalised_log_weights(weights: Tensor) -> Tensor:
     if bool((total <= 0).any()):
         raise ValueError("mixture weights must not all be zero")
     return (weights / total).log()
+
+
+class StationaryGaussianPrior(Prior):
+    """Gaussian prior on (C, H, W) images with a periodic, stationary spatial covariance and a channel correlation.
+
+    Model (x flattened channel-major, N = H W pixels per channel):
+
+        x ~ N(mu, Sigma),   Sigma = std^2 C_rho (x) K      ((x): Kronecker product),
+        C_rho = (1 - rho) I_C + rho 1 1^T        (unit diagonal: channel correlation rho),
+        K = F^H diag(s) F                          (circulant: periodic, stationary; F the unitary 2-D DFT),
+        s(f) = S(f) / mean_f S(f),   S(f) = (1 + |f|^2 / f0^2)^(-alpha),
+
+    with f = (f_y, f_x) the DFT frequencies in cycles per pixel (``torch.fft.fftfreq``). ``mean_f s = 1`` makes the
+    per-pixel variance diag(K) = mean_f s(f) = 1, so every pixel has standard deviation ``std`` and two channels of
+    one pixel have correlation ``rho``. C_rho = E diag(m) E^T (eigenvectors E, eigenvalues m: 1 + (C - 1) rho once
+    and 1 - rho (C - 1) times), so Sigma has eigenvalues lam_{j,f} = std^2 m_j s(f) with eigenvectors e_j (x) F^H.
+    Sigma is positive definite iff rho in (-1/(C - 1), 1) and std > 0.
+
+    Exact denoiser (Gaussian posterior mean, x = x0 + sigma n):
+
+        D(x, sigma) = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu)
+                    = mu + E F^-1[ lam / (lam + sigma^2) * F(E^T (x - mu)) ],
+
+    an O(C^2 N + C N log N) closed form. Samples are mu + E F^-1[ sqrt(lam) F(n) ] with n ~ N(0, I).
+
+    Args:
+        mean: scalar, or one value per channel.
+        std: per-pixel standard deviation (> 0).
+        alpha: spectral decay exponent (> 0): larger means smoother images.
+        f0: corner frequency in cycles per pixel (> 0): below it the spectrum is flat.
+        channel_correlation: rho, the correlation between two channels of one pixel.
+        channels: C, the number of image channels the prior is for.
+        image_size: the image side H = W it is for (None: any size; :meth:`sample` then needs ``image_size``).
+        data_range: the declared image range (lo, hi) (must equal the operator's input range in an evaluation).
+    """
+
+    def __init__(
+        self,
+        mean: float | list[float] = 0.0,
+        std: float = 0.5,
+        alpha: float = 2.0,
+        f0: float = 0.05,
+        channel_correlation: float = 0.0,
+        channels: int = 3,
+        image_size: int | None = None,
+        data_range: tuple[float, float] | list[float] = (-1.0, 1.0),
+    ) -> None:
+        if not (isinstance(channels, int) and channels >= 1):
+            raise UserError(
+                f"StationaryGaussianPrior: channels must be an int >= 1, got {channels!r}; set prior.channels"
+            )
+        if image_size is not None and not (isinstance(image_size, int) and image_size >= 1):
+            raise UserError(f"StationaryGaussianPrior: image_size must be an int >= 1 or null, got {image_size!r}")
+        for name, value in (("std", std), ("alpha", alpha), ("f0", f0)):
+            if not (math.isfinite(float(value)) and float(value) > 0):
+                raise UserError(
+                    f"StationaryGaussianPrior: {name} must be finite and > 0, got {value}; set prior.{name} > 0"
+                )
+        lo_rho = -1.0 / (channels - 1) if channels > 1 else -math.inf
+        rho = float(channel_correlation)
+        if not (lo_rho < rho < 1.0):
+            raise UserError(
+                f"StationaryGaussianPrior: channel_correlation must lie in ({lo_rho:g}, 1) for {channels} channel(s) "
+                f"(otherwise the channel covariance is not positive definite), got {rho}; set prior.channel_correlation"
+            )
+        means = [float(mean)] * channels if isinstance(mean, (int, float)) else [float(m) for m in mean]
+        if len(means) != channels or not all(math.isfinite(m) for m in means):
+            raise UserError(
+                f"StationaryGaussianPrior: mean must be one finite number or {channels} (one per channel), got {mean!r}"
+            )
+        lo, hi = (float(v) for v in data_range)
+        if not lo < hi:
+            raise UserError(
+                f"StationaryGaussianPrior: data_range must be [lo, hi] with lo < hi, got {list(data_range)}"
+            )
+        self.channels, self.image_size = channels, image_size
+        self.std, self.alpha, self.f0, self.rho = float(std), float(alpha), float(f0), rho
+        self.mean = torch.tensor(means, dtype=torch.float64)
+        self.data_range = (lo, hi)
+        self.sigma_range = (0.0, math.inf)
+        corr = (1.0 - rho) * torch.eye(channels, dtype=torch.float64) + rho
+        self.channel_eigenvalues, self.channel_basis = torch.linalg.eigh(corr)  # (C,), (C, C) columns e_j
+
+    # ------------------------------------------------------------------------------------------------ spectrum
+    def spectrum(self, height: int, width: int) -> Tensor:
+        """s(f) on the (height, width) DFT grid, normalised to mean 1 (float64)."""
+        fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
+        fx = torch.fft.fftfreq(width, dtype=torch.float64)[None, :]
+        s = (1.0 + (fy**2 + fx**2) / self.f0**2) ** (-self.alpha)
+        return s / s.mean()
+
+    def eigenvalues(self, height: int, width: int) -> Tensor:
+        """lam_{j,f} = std^2 m_j s(f), shape (C, height, width) (float64)."""
+        return self.std**2 * self.channel_eigenvalues[:, None, None] * self.spectrum(height, width)
+
+    def covariance(self, height: int, width: int) -> Tensor:
+        """Dense Sigma of shape (C H W, C H W), channel-major, column by column through the FFT form (tiny images)."""
+        lam = self.eigenvalues(height, width)
+        eye = torch.eye(self.channels * height * width, dtype=torch.float64).reshape(-1, self.channels, height, width)
+        return self._apply(eye, lam).reshape(eye.shape[0], -1).T
+
+    # --------------------------------------------------------------------------------------------- operations
+    def _apply(self, z: Tensor, gain: Tensor) -> Tensor:
+        """E F^-1[ gain * F(E^T z) ] for z of shape (..., C, H, W); gain broadcasts against (..., C, H, W)."""
+        basis = self.channel_basis.to(z)
+        coeff = torch.einsum("cj,...chw->...jhw", basis, z)
+        filtered = torch.fft.ifft2(gain.to(z.dtype) * torch.fft.fft2(coeff, norm="ortho"), norm="ortho").real
+        return torch.einsum("cj,...jhw->...chw", basis, filtered)
+
+    def _mean(self, z: Tensor) -> Tensor:
+        return self.mean.to(z)[:, None, None]
+
+    def _check_state(self, x: Tensor) -> None:
+        self.check_data_shape(tuple(x.shape[-3:]) if x.ndim >= 3 else tuple(x.shape))
+
+    def check_data_shape(self, data_shape: tuple[int, ...]) -> None:
+        """Images of shape (channels, H, W) (H = W = image_size when it is set)."""
+        shape = tuple(data_shape)
+        size_ok = self.image_size is None or shape[1:] == (self.image_size, self.image_size)
+        if len(shape) != 3 or shape[0] != self.channels or not size_ok:
+            side = f"{self.image_size}, {self.image_size}" if self.image_size is not None else "H, W"
+            raise UserError(
+                f"StationaryGaussianPrior is a prior on images of shape ({self.channels}, {side}), got data of shape "
+                f"{shape}; set prior.channels / prior.image_size to the operator's channels and image_size"
+            )
+
+    def denoise(self, x: Tensor, sigma: Tensor | float, *, generator: GeneratorLike = None) -> Tensor:
+        """Exact posterior mean mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu) (class docstring); ``generator`` unused.
+
+        ``sigma``: a scalar, or one value per sample of the batch dimensions x.shape[:-3] (any shape broadcasting to
+        them), > 0 and finite."""
+        self._check_state(x)
+        sig = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        if not bool(torch.isfinite(sig).all()) or bool((sig <= 0).any()):
+            raise ValueError(f"StationaryGaussianPrior.denoise: sigma must be finite and > 0, got {sig}")
+        batch = x.shape[:-3]
+        if sig.numel() == 1:
+            sig = sig.reshape(())
+        elif sig.numel() == math.prod(batch):
+            sig = sig.reshape(batch)
+        else:
+            raise ValueError(f"sigma of shape {tuple(sig.shape)} does not fit the batch shape {tuple(batch)} of x")
+        lam = self.eigenvalues(*x.shape[-2:]).to(x.device)
+        s2 = (sig**2)[..., None, None, None]
+        mu = self._mean(x)
+        return mu + self._apply(x - mu, lam / (lam + s2))
+
+    def sample(self, num_samples: int, generator: GeneratorLike = None, image_size: int | None = None,
+               dtype: torch.dtype = torch.float64) -> Tensor:
+        """Exact samples mu + Sigma^{1/2} n, shape (num_samples, C, H, H) with H = ``image_size`` or the prior's."""
+        size = image_size if image_size is not None else self.image_size
+        if size is None:
+            raise UserError(
+                "StationaryGaussianPrior.sample needs an image size: pass image_size= or build the prior with one"
+            )
+        if not (isinstance(num_samples, int) and num_samples >= 1):
+            raise UserError(f"StationaryGaussianPrior.sample: num_samples must be an int >= 1, got {num_samples!r}")
+        noise = randn((num_samples, self.channels, size, size), generator, torch.float64, "cpu")
+        out = self._mean(noise) + self._apply(noise, self.eigenvalues(size, size).sqrt())
+        return out.to(dtype)

@@ -25,6 +25,7 @@ from torch import nn
 
 from diffinv_pl.diffusion.losses import EDMObjective, Objective, VEObjective, VPObjective, build_objective
 from diffinv_pl.diffusion.schedules import vp_continuous_sigma
+from diffinv_pl.errors import UserFileError
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.priors.network import NetworkPrior, RangeAdaptedPrior
 from diffinv_pl.priors.patch_denoiser import PatchAssembledPrior
@@ -256,7 +257,10 @@ def load_diffusion_prior(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}: pass the .ckpt written by train.py (checkpoints/last.ckpt)")
+        raise UserFileError(
+            f"no checkpoint at {str(path)!r} (prior.path): train a diffusion prior with train.py (it writes "
+            "<run>/checkpoints/last.ckpt) and put it at that path or pass prior.path=<run>/checkpoints/last.ckpt"
+        )
     try:  # weights_only: our checkpoints hold plain containers and tensors, so no pickled code is ever run
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 (any unpickling failure means the file is not a checkpoint)
