@@ -103,7 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     for exp, label, overrides in settings:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            table = run_setting(exp, label, overrides, args.dims, args.dims_y, args.problems, Path(tmp))
+            try:
+                table = run_setting(exp, label, overrides, args.dims, args.dims_y, args.problems, Path(tmp))
+            except FloatingPointError as err:  # a diverging setting is a result of the sweep, not a failure
+                lines.append(f"| {label} | `experiment={exp} {' '.join(overrides)}` | {args.dims} | {args.dims_y} "
+                             f"| diverged: {err} | | | | |")
+                print(lines[-1], flush=True)
+                args.output.write_text("\n".join(lines) + "\n")
+                continue
             per_problem = (Path(tmp) / "per_problem.csv").read_text().splitlines()
         header = per_problem[0].split(",")
         calls = {}
