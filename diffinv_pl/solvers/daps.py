@@ -205,12 +205,17 @@ def daps_mcmc(
     for _ in range(steps):
         score = (x0_hat - x).mul_(prec).sub_(likelihood_gradient(problem, prior, x, weight, grad_clip))
         noise = randn(x.shape, generator, x.dtype, x.device)
-        if v is None:
-            x = x.add_(score.mul_(lr)).add_(noise.mul_(root_2lr))
-        else:
-            v = v.mul_(momentum).add_(score.mul_(root_lr)).add_(noise, alpha=math.sqrt(2 * (1 - momentum)))
-            x = x.add(v * root_lr)
+        if v is None:  # Langevin: x + lr s + sqrt(2 lr) n
+            x = _add_scaled(_add_scaled(x, score, lr), noise, root_2lr)
+        else:  # HMC: v <- m v + sqrt(lr) s + sqrt(2 (1 - m)) n, x <- x + sqrt(lr) v
+            v = _add_scaled(v.mul_(momentum), score, root_lr).add_(noise, alpha=math.sqrt(2 * (1 - momentum)))
+            x = _add_scaled(x, v, root_lr)
     return x
+
+
+def _add_scaled(x: Tensor, y: Tensor, a: float | Tensor) -> Tensor:
+    """x += a y in place, for a float ``a`` or a tensor broadcast against ``y`` (one value per row); y unchanged."""
+    return x.addcmul_(y, a) if isinstance(a, Tensor) else x.add_(y, alpha=a)
 
 
 def relative_step_scale(problem: InverseProblem, weight: Tensor, state_ndim: int) -> Callable[[float], Tensor]:
