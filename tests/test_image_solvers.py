@@ -54,3 +54,35 @@ def test_diffusion_solvers_beat_the_pseudo_inverse_on_random_inpainting(experime
     assert pinv_psnr == pytest.approx(PINV_PSNR, abs=TOLERANCE)
     assert psnr == pytest.approx(SOLVERS[experiment], abs=TOLERANCE)
     assert psnr > pinv_psnr + MARGIN
+
+
+@pytest.mark.parametrize(
+    "experiment, overrides, match",
+    [
+        ("codps_sr4_tiny", ["operator=hdr", "operator.image_size=32"], "nonlinear"),
+        ("codps_plus_sr4_tiny", ["operator=gaussian_blur", "operator.image_size=32", "operator.kernel_size=9"],
+         "reflect-padded"),
+        ("codps_sr4_tiny", ["operator=uniform_blur", "operator.image_size=32", "operator.kernel_size=9"], "Gram|reflect"),
+        ("codps_sr4_tiny", ["solver.scale=-1"], "scale >= 0"),
+        ("daps_sr4_tiny", ["solver.tau=0"], "tau must be > 0"),
+        ("daps_sr4_tiny", ["solver.tau=-0.01"], "tau must be > 0"),
+        ("daps_sr4_tiny", ["solver.sigma_min=200"], "sigma_min < sigma_max"),
+        ("daps_sr4_tiny", ["solver.sigma_min=100"], "sigma_min < sigma_max"),
+        ("daps_hdr_tiny", ["solver.lr_relative=true"], "lr_relative needs a linear operator"),
+    ],
+)
+def test_bad_solver_input_is_refused_before_anything_is_written(experiment, overrides, match, tmp_path):
+    """Through evaluate's path: the solver's own hyperparameter check runs in the task's set-up, so the error comes
+    before any data is read or file written (not at the first batch)."""
+    import re
+
+    from diffinv_pl.cli import run_evaluation
+    from diffinv_pl.errors import find_user_error
+
+    out = tmp_path / "out"
+    cfg = compose("evaluate", [f"experiment={experiment}", f"paths.output_dir={out}", *overrides])
+    with pytest.raises(Exception) as err:  # Hydra wraps errors raised while instantiating the task
+        run_evaluation(cfg)
+    user = find_user_error(err.value)
+    assert user is not None and re.search(match, str(user)), err.value
+    assert not out.exists() or not any(out.iterdir())

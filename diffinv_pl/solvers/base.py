@@ -151,12 +151,19 @@ def check_solver_arguments(solver: Callable[..., Any]) -> None:
 
 
 def check_solver_setup(solver: Callable[..., Any], prior: Prior | None, operator: ForwardOperator) -> None:
-    """Refuse, before any data is read or file written, a solver set-up that cannot run: bad hyperparameters
-    (:func:`check_solver_arguments`), a diffusion solver without a prior, or a nonlinear operator for a solver that
-    needs its adjoint. Raises :class:`~diffinv_pl.errors.UserError`."""
+    """Refuse, before any data is read or file written, a solver set-up that cannot run: unknown or missing
+    hyperparameters (:func:`check_solver_arguments`), bad hyperparameter values (the solver's own
+    ``check_hyperparameters(operator, **hyperparameters)``, where it has one), a diffusion solver without a prior, or
+    a nonlinear operator for a solver that needs its adjoint. Raises :class:`~diffinv_pl.errors.UserError`."""
     check_solver_arguments(solver)
     func = getattr(solver, "func", solver)
     name = getattr(func, "__name__", type(func).__name__)
+    check = getattr(func, "check_hyperparameters", None)
+    if check is not None:
+        bound = inspect.signature(func).bind_partial(**getattr(solver, "keywords", {}))
+        bound.apply_defaults()
+        runtime = ("problem", "prior", "generator", "callback", "x_init")
+        check(operator, **{k: v for k, v in bound.arguments.items() if k not in runtime})
     if needs_prior(solver) and prior is None:
         raise UserError(
             f"solver {name} needs a prior: add prior=trained prior.path=<run>/checkpoints/last.ckpt (or pass prior= "

@@ -38,6 +38,7 @@ released code runs batch 1, this runs any batch (every quantity is per row).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,7 +47,7 @@ from torch import Tensor
 from diffinv_pl.diffusion.schedules import SamplingGrid
 from diffinv_pl.diffusion.steps import ddim_noise_levels, ddim_step
 from diffinv_pl.errors import UserError
-from diffinv_pl.operators.base import LinearOperator, conjugate_gradient
+from diffinv_pl.operators.base import ForwardOperator, LinearOperator, conjugate_gradient
 from diffinv_pl.operators.matrix import MatrixOperator
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.solvers.base import (
@@ -65,12 +66,33 @@ GRAM_SOLVERS = ("exact", "cg")
 GUIDANCE_AT = ("proposal", "current")
 
 
-def _check_hyper(name: str, scale, t_div, div_ratio, inv_var, eta, schedule, gram_solver, cg_tol, cg_max_iter,
-                 sigma_y_floor, clip_denoised) -> None:
+def check_codps_hyperparameters(
+    operator: ForwardOperator,
+    *,
+    scale: float,
+    t_div: int,
+    div_ratio: float,
+    inv_var: float,
+    eta: float,
+    schedule: str,
+    gram_solver: str,
+    cg_tol: float,
+    cg_max_iter: int,
+    sigma_y_floor: float,
+    clip_denoised: tuple[float, float] | None,
+    guidance_at: str = "proposal",
+    name: str = "CoDPS",
+    **_: object,
+) -> None:
+    """Refuse bad CoDPS/CoDPS+ hyperparameters, a nonlinear operator and (``gram_solver: exact``) an operator without
+    an exact Gram inverse, with a UserError naming the setting, without running anything. Called by the solvers and,
+    through ``codps.check_hyperparameters``, by the evaluation task before it writes anything."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"{name}: unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        raise UserError(f"{name}: unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     if gram_solver not in GRAM_SOLVERS:
-        raise ValueError(f"{name}: unknown gram_solver {gram_solver!r}; valid: {', '.join(GRAM_SOLVERS)}")
+        raise UserError(f"{name}: unknown gram_solver {gram_solver!r}; valid: {', '.join(GRAM_SOLVERS)}")
+    if guidance_at not in GUIDANCE_AT:
+        raise UserError(f"{name}: unknown guidance_at {guidance_at!r}; valid: {', '.join(GUIDANCE_AT)}")
     values = {"scale": (scale, 0, True), "t_div": (t_div, 0, True), "div_ratio": (div_ratio, 0, False),
               "inv_var": (inv_var, 0, True), "eta": (eta, 0, True), "cg_tol": (cg_tol, 0, False),
               "cg_max_iter": (cg_max_iter, 1, True), "sigma_y_floor": (sigma_y_floor, 0, False)}
@@ -79,36 +101,43 @@ def _check_hyper(name: str, scale, t_div, div_ratio, inv_var, eta, schedule, gra
         if not (math.isfinite(float(val)) and (val >= lo if closed else val > lo))
     ]
     if bad:
-        raise ValueError(f"{name}: bad hyperparameters, need {'; '.join(bad)}")
+        raise UserError(f"{name}: bad hyperparameters, need {'; '.join(bad)}")
     if clip_denoised is not None and not (len(clip_denoised) == 2 and clip_denoised[0] < clip_denoised[1]):
-        raise ValueError(f"{name}: clip_denoised must be [lo, hi] with lo < hi, got {clip_denoised}")
-
-
-def check_codps_operator(name: str, problem: InverseProblem, gram_solver: str) -> None:
-    """Refuse, before sampling, what CoDPS cannot do exactly: a nonlinear operator, or (``exact`` mode) one without an
-    exact (sigma_y^2 I + v A A^T)^-1. Raises :class:`UserError`."""
-    op = problem.operator
-    if not isinstance(op, LinearOperator):
+        raise UserError(f"{name}: clip_denoised must be [lo, hi] with lo < hi, got {clip_denoised}")
+    if not isinstance(operator, LinearOperator):
         raise UserError(
-            f"{name} needs a linear operator with an adjoint and a Gram inverse, but {type(op).__name__} is nonlinear: "
-            "use a diffusion solver such as solver=dps for this operator"
+            f"{name} needs a linear operator with an adjoint and a Gram inverse, but {type(operator).__name__} is "
+            "nonlinear: use a diffusion solver such as solver=dps or solver=daps for this operator"
         )
     if gram_solver != "exact":
         return
-    if getattr(op, "boundary", None) == "reflect":
+    if getattr(operator, "boundary", None) == "reflect":
         raise UserError(
-            f"{name}: the Gram inverse of a reflect-padded {type(op).__name__} is only the circulant approximation; use "
-            "the circular operator (e.g. operator=gaussian_blur_circular, as the CoDPS code does) or "
+            f"{name}: the Gram inverse of a reflect-padded {type(operator).__name__} is only the circulant approximation; "
+            "use the circular operator (e.g. operator=gaussian_blur_circular, as the CoDPS code does) or "
             "solver.gram_solver=cg (conjugate gradients on the exact Gram system)"
         )
+    if type(operator).gram_inverse is LinearOperator.gram_inverse and not isinstance(operator, MatrixOperator):
+        raise UserError(
+            f"{name}: {type(operator).__name__} has no exact (sigma_y^2 I + v A A^T)^-1; use solver.gram_solver=cg "
+            "(conjugate gradients on the Gram system) or an operator whose A A^T is diagonalisable (identity, masks, "
+            "circular blurs, blur + stride SR)"
+        )
+
+
+def check_codps_operator(name: str, problem: InverseProblem, gram_solver: str) -> None:
+    """Probe the operator's exact Gram inverse on a zero measurement (``gram_solver: exact``): refuse one that raises
+    or returns NaN/Inf, before sampling. Raises :class:`UserError`."""
+    if gram_solver != "exact":
+        return
     try:
-        probe = _gram_call(op, torch.zeros_like(problem.y, dtype=problem.state_dtype), 1.0, 1.0)
+        probe = _gram_call(problem.operator, torch.zeros_like(problem.y, dtype=problem.state_dtype), 1.0, 1.0)
     except TypeError as err:
         raise UserError(
             f"{name}: {err}. Use solver.gram_solver=cg (conjugate gradients on the Gram system) or another operator"
         ) from err
     if not bool(torch.isfinite(probe).all()):
-        raise ValueError(f"{name}: the operator's Gram inverse returns NaN/Inf; check how the operator was built")
+        raise UserError(f"{name}: the operator's Gram inverse returns NaN/Inf; check how the operator was built")
 
 
 def dense_gram_inverse(op: MatrixOperator, y: Tensor, sigma_y: float, v: Tensor | float) -> Tensor:
@@ -174,10 +203,11 @@ def _codps(
     x_init: Tensor | None,
 ) -> SolverResult:
     name = "CoDPS" if variant == "codps" else "CoDPS+"
-    _check_hyper(name, scale, t_div, div_ratio, inv_var, eta, schedule, gram_solver, cg_tol, cg_max_iter,
-                 sigma_y_floor, clip_denoised)
-    if guidance_at not in GUIDANCE_AT:
-        raise ValueError(f"{name}: unknown guidance_at {guidance_at!r}; valid: {', '.join(GUIDANCE_AT)}")
+    check_codps_hyperparameters(
+        problem.operator, scale=scale, t_div=t_div, div_ratio=div_ratio, inv_var=inv_var, eta=eta, schedule=schedule,
+        gram_solver=gram_solver, cg_tol=cg_tol, cg_max_iter=cg_max_iter, sigma_y_floor=sigma_y_floor,
+        clip_denoised=clip_denoised, guidance_at=guidance_at, name=name,
+    )
     check_codps_operator(name, problem, gram_solver)
     data_shape = tuple(problem.operator.in_shape)
     if tuple(prior.state_shape(data_shape)) != data_shape:
@@ -319,3 +349,5 @@ def codps_plus(
 
 codps.needs_linear_operator = True  # type: ignore[attr-defined]
 codps_plus.needs_linear_operator = True  # type: ignore[attr-defined]
+codps.check_hyperparameters = functools.partial(check_codps_hyperparameters, name="CoDPS")  # type: ignore[attr-defined]
+codps_plus.check_hyperparameters = functools.partial(check_codps_hyperparameters, name="CoDPS+")  # type: ignore[attr-defined]

@@ -49,7 +49,7 @@ from torch import Tensor
 from diffinv_pl.diffusion.schedules import edm_sigmas
 from diffinv_pl.diffusion.steps import euler_step
 from diffinv_pl.errors import UserError
-from diffinv_pl.operators.base import LinearOperator
+from diffinv_pl.operators.base import ForwardOperator, LinearOperator
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.solvers.base import (
     Callback,
@@ -284,6 +284,71 @@ def daps_annealing(
     return SolverResult(samples, cost)
 
 
+def check_daps_hyperparameters(
+    operator: ForwardOperator,
+    *,
+    num_levels: int,
+    sigma_max: float,
+    sigma_min: float,
+    rho: float,
+    annealing: str,
+    ode_steps: int,
+    sigma_ode_min: float,
+    x0_hat: str,
+    mcmc: str,
+    mcmc_steps: int,
+    lr: float,
+    lr_min_ratio: float,
+    lr_relative: bool,
+    momentum: float,
+    tau: float,
+    tau_relative: bool,
+    likelihood: str,
+    grad_clip: float | None,
+    task: str | None,
+    **_: object,
+) -> tuple[int, float, float, float]:
+    """Refuse bad DAPS hyperparameters (UserError naming the setting) without running anything; returns the inner
+    chain's (mcmc_steps, lr, lr_min_ratio, momentum) after ``task``'s DAPS-1K table. Called by :func:`daps` and, through
+    ``daps.check_hyperparameters``, by the evaluation task before it writes anything."""
+    if task is not None:
+        table = PIXEL_LANGEVIN if mcmc == "langevin" else PIXEL_HMC
+        if task not in table:
+            raise UserError(f"DAPS: no DAPS-1K constants for task {task!r}; valid: {', '.join(table)} (or task=null)")
+        if mcmc == "langevin":
+            mcmc_steps, lr, lr_min_ratio = PIXEL_LANGEVIN[task]
+        else:
+            mcmc_steps, lr, lr_min_ratio, momentum = PIXEL_HMC[task]
+    sigmas = annealing_sigmas(sigma_max, sigma_min, num_levels, rho, annealing)
+    if isinstance(ode_steps, bool) or not isinstance(ode_steps, int) or ode_steps < 1:
+        raise UserError(f"DAPS: ode_steps must be an integer >= 1, got {ode_steps!r}")
+    if not 0 < sigma_ode_min < sigmas[num_levels - 1]:
+        raise UserError(
+            f"DAPS: sigma_ode_min must be in (0, {sigmas[num_levels - 1]:.4g}) (below the last annealing level), "
+            f"got {sigma_ode_min}"
+        )
+    for name, value, valid in (("annealing", annealing, ANNEALING), ("likelihood", likelihood, LIKELIHOODS),
+                               ("mcmc", mcmc, MCMC), ("x0_hat", x0_hat, X0_HAT)):
+        if value not in valid:
+            raise UserError(f"DAPS: unknown {name} {value!r}; valid: {', '.join(valid)}")
+    if isinstance(mcmc_steps, bool) or not isinstance(mcmc_steps, int) or mcmc_steps < 0:
+        raise UserError(f"DAPS: mcmc_steps must be an integer >= 0, got {mcmc_steps!r}")
+    if not (math.isfinite(lr) and lr > 0) or not (math.isfinite(lr_min_ratio) and lr_min_ratio > 0):
+        raise UserError(f"DAPS: lr and lr_min_ratio must be > 0, got lr={lr}, lr_min_ratio={lr_min_ratio}")
+    if not 0 <= momentum < 1:
+        raise UserError(f"DAPS: the HMC momentum must be in [0, 1), got {momentum}")
+    if grad_clip is not None and not grad_clip > 0:
+        raise UserError(f"DAPS: grad_clip must be > 0 or null, got {grad_clip}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise UserError(f"DAPS: the likelihood temperature tau must be > 0 (and finite), got {tau}")
+    if lr_relative and not isinstance(operator, LinearOperator):
+        raise UserError(
+            f"DAPS: lr_relative needs a linear operator (its step unit uses ||A||), got {type(operator).__name__}; "
+            "set lr_relative=false and give an absolute lr"
+        )
+    return mcmc_steps, lr, lr_min_ratio, momentum
+
+
 def daps(
     problem: InverseProblem,
     prior: Prior,
@@ -314,34 +379,13 @@ def daps(
     """Run DAPS; see the module docstring. Defaults: DAPS-1K pixel (``edm_daps``: K = 200, sigma 100 -> 0.1, S = 5,
     sigma_ode_min = 0.01; Langevin L = 100, lr = 1e-4, lr_min_ratio = 0.01, tau = 0.01 as for down_sampling and
     gaussian_blur). All inputs are checked (UserError) before any denoiser or operator call."""
-    if task is not None:
-        table = PIXEL_LANGEVIN if mcmc == "langevin" else PIXEL_HMC
-        if task not in table:
-            raise UserError(f"DAPS: no DAPS-1K constants for task {task!r}; valid: {', '.join(table)} (or task=null)")
-        if mcmc == "langevin":
-            mcmc_steps, lr, lr_min_ratio = PIXEL_LANGEVIN[task]
-        else:
-            mcmc_steps, lr, lr_min_ratio, momentum = PIXEL_HMC[task]
+    mcmc_steps, lr, lr_min_ratio, momentum = check_daps_hyperparameters(
+        problem.operator, num_levels=num_levels, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho, annealing=annealing,
+        ode_steps=ode_steps, sigma_ode_min=sigma_ode_min, x0_hat=x0_hat, mcmc=mcmc, mcmc_steps=mcmc_steps, lr=lr,
+        lr_min_ratio=lr_min_ratio, lr_relative=lr_relative, momentum=momentum, tau=tau, tau_relative=tau_relative,
+        likelihood=likelihood, grad_clip=grad_clip, task=task,
+    )
     sigmas = annealing_sigmas(sigma_max, sigma_min, num_levels, rho, annealing)
-    if isinstance(ode_steps, bool) or not isinstance(ode_steps, int) or ode_steps < 1:
-        raise UserError(f"DAPS: ode_steps must be an integer >= 1, got {ode_steps!r}")
-    if not 0 < sigma_ode_min < sigmas[num_levels - 1]:
-        raise UserError(
-            f"DAPS: sigma_ode_min must be in (0, {sigmas[num_levels - 1]:.4g}) (below the last annealing level), "
-            f"got {sigma_ode_min}"
-        )
-    for name, value, valid in (("annealing", annealing, ANNEALING), ("likelihood", likelihood, LIKELIHOODS),
-                               ("mcmc", mcmc, MCMC), ("x0_hat", x0_hat, X0_HAT)):
-        if value not in valid:
-            raise UserError(f"DAPS: unknown {name} {value!r}; valid: {', '.join(valid)}")
-    if isinstance(mcmc_steps, bool) or not isinstance(mcmc_steps, int) or mcmc_steps < 0:
-        raise UserError(f"DAPS: mcmc_steps must be an integer >= 0, got {mcmc_steps!r}")
-    if not (math.isfinite(lr) and lr > 0) or not (math.isfinite(lr_min_ratio) and lr_min_ratio > 0):
-        raise UserError(f"DAPS: lr and lr_min_ratio must be > 0, got lr={lr}, lr_min_ratio={lr_min_ratio}")
-    if not 0 <= momentum < 1:
-        raise UserError(f"DAPS: the HMC momentum must be in [0, 1), got {momentum}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise UserError(f"DAPS: grad_clip must be > 0 or null, got {grad_clip}")
     weight = likelihood_weight(problem, tau, tau_relative, likelihood)
     if not isinstance(weight, Tensor) or weight.ndim == 0:
         weight = torch.as_tensor(weight).reshape([1] * (len(problem.y_batch_shape) + len(problem.operator.out_shape)))
@@ -362,3 +406,6 @@ def daps(
         problem, prior, inner, sigmas=sigmas, ode_steps=ode_steps, sigma_ode_min=sigma_ode_min, rho=rho,
         annealing=annealing, x0_hat=x0_hat, generator=generator, callback=callback, x_init=x_init,
     )
+
+
+daps.check_hyperparameters = check_daps_hyperparameters  # type: ignore[attr-defined]
