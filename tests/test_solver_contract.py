@@ -103,8 +103,10 @@ CASES: dict[str, Callable[[], Case]] = {"daps": small_operator_case, "oracle": s
 
 
 def solver_from_config(name: str):
-    """The solver as its config binds it, on a 5-step grid."""
+    """The solver as its config binds it, on a 5-step grid (5 levels for solvers with their own level count)."""
     cfg = compose("evaluate", [f"solver={name}", "sampling_grid=vp", "sampling_grid.num_steps=5", "paths.output_dir=/tmp"])
+    if "num_levels" in cfg.solver:
+        cfg.solver.num_levels = 5
     return instantiate(cfg.solver)
 
 

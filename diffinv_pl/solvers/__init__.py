@@ -15,6 +15,7 @@ from diffinv_pl.solvers.codps import codps, codps_plus
 from diffinv_pl.solvers.daps import daps
 from diffinv_pl.solvers.diffusion_posterior_sampling import dps
 from diffinv_pl.solvers.exact_oracle import oracle
+from diffinv_pl.solvers.padis import padis_dps, padis_langevin, padis_pc
 
 SOLVERS: dict[str, Solver] = {
     "codps": codps,
@@ -22,6 +23,9 @@ SOLVERS: dict[str, Solver] = {
     "daps": daps,
     "dps": dps,
     "oracle": oracle,
+    "padis_dps": padis_dps,
+    "padis_langevin": padis_langevin,
+    "padis_pc": padis_pc,
     "pinv": pseudo_inverse,
     "tv": tv_least_squares,
 }
@@ -51,6 +55,9 @@ __all__ = [
     "needs_linear_operator",
     "needs_prior",
     "oracle",
+    "padis_dps",
+    "padis_langevin",
+    "padis_pc",
     "pseudo_inverse",
     "tv_least_squares",
 ]
