@@ -197,6 +197,11 @@ def test_cg_fallback_matches_the_exact_gram_inverse():
                     cg_tol=1e-12, **hyper)
     torch.testing.assert_close(cg.samples, exact.samples, rtol=1e-8, atol=1e-9)
     assert cg.cost.operator_forward_calls > exact.cost.operator_forward_calls
+    # the exact mode applies one Gram inverse per guided step (8 steps, none on the last: 7; the set-up probe is not a
+    # step), the CG mode none
+    assert exact.cost.operator_gram_calls == 7 and cg.cost.operator_gram_calls == 0
+    ddpm = codps(InverseProblem(y, MatrixOperator(A), 0.1), prior, generator=torch.Generator().manual_seed(2), **hyper)
+    assert ddpm.cost.operator_gram_calls == 8
     with pytest.raises(RuntimeError, match=r"CoDPS\+: conjugate gradients .* at step \d+"):
         codps_plus(InverseProblem(y, op, 1e-3), prior, generator=torch.Generator().manual_seed(2), gram_solver="cg",
                    cg_tol=1e-14, cg_max_iter=1, **hyper)

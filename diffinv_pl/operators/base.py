@@ -71,12 +71,13 @@ class ForwardOperator(nn.Module, ABC):
 
     def __init__(self) -> None:
         super().__init__()
-        self.forward_calls = 0
-        self.adjoint_calls = 0
+        self.reset_counters()
 
     def reset_counters(self) -> None:
+        """Zero the call counters a solver's cost is read from: A, A^T and Gram-inverse (CoDPS) evaluations."""
         self.forward_calls = 0
         self.adjoint_calls = 0
+        self.gram_calls = 0
 
     def check_input(self, x: Tensor) -> None:
         """Raise a clear error for a signal of the wrong event shape."""

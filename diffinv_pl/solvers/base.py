@@ -202,6 +202,7 @@ class SolverCost:
     denoiser_calls: int = 0
     operator_forward_calls: int = 0
     operator_adjoint_calls: int = 0
+    operator_gram_calls: int = 0  # (sigma_y^2 I + v A A^T)^-1 applications (CoDPS)
     wall_time_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
@@ -242,7 +243,8 @@ class CountingDenoiser:
 def cost_meter(problem: InverseProblem, denoiser: CountingDenoiser | None = None) -> Iterator[SolverCost]:
     """Fill a :class:`SolverCost` with the calls and wall time spent inside the ``with`` block."""
     op = problem.operator
-    fwd0, adj0, start = op.forward_calls, getattr(op, "adjoint_calls", 0), time.perf_counter()
+    fwd0, adj0, gram0 = op.forward_calls, getattr(op, "adjoint_calls", 0), getattr(op, "gram_calls", 0)
+    start = time.perf_counter()
     cost = SolverCost()
     try:
         yield cost
@@ -250,6 +252,7 @@ def cost_meter(problem: InverseProblem, denoiser: CountingDenoiser | None = None
         cost.denoiser_calls = denoiser.calls if denoiser is not None else 0
         cost.operator_forward_calls = op.forward_calls - fwd0
         cost.operator_adjoint_calls = getattr(op, "adjoint_calls", 0) - adj0
+        cost.operator_gram_calls = getattr(op, "gram_calls", 0) - gram0
         cost.wall_time_s = time.perf_counter() - start
 
 

@@ -161,7 +161,9 @@ def dense_gram_inverse(op: MatrixOperator, y: Tensor, sigma_y: float, v: Tensor 
 
 def _gram_call(op: LinearOperator, r: Tensor, sigma: float, v: Tensor | float) -> Tensor:
     """The exact Gram inverse on r of shape batch + out_shape with v a scalar or one value per row (batch shape). Image
-    operators take flat (B, ...) batches with one v per row; a dense operator keeps its own batch layout."""
+    operators take flat (B, ...) batches with one v per row; a dense operator keeps its own batch layout. Counted in
+    the operator's ``gram_calls``."""
+    op.gram_calls += 1
     if isinstance(op, MatrixOperator):
         return dense_gram_inverse(op, r, sigma, v)
     out_shape = tuple(op.out_shape)

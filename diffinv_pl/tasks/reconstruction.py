@@ -72,7 +72,7 @@ warnings.filterwarnings(
     "ignore", message=r"It is recommended to use `self.log\('(results/|(psnr|ssim|lpips)_epoch')", category=UserWarning
 )
 
-COST_KEYS = ("denoiser_calls", "operator_forward_calls", "operator_adjoint_calls", "wall_time_s")
+COST_KEYS = ("denoiser_calls", "operator_forward_calls", "operator_adjoint_calls", "operator_gram_calls", "wall_time_s")
 
 
 def _safe_key(key: str) -> str:
