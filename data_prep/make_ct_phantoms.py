@@ -1,10 +1,12 @@
-"""Write random-ellipse CT phantoms (diffinv_pl.data.phantoms) to files named by key.
+"""Write CT phantoms (diffinv_pl.data.phantoms: random ellipses or textured torso slices) to files named by key.
 
     python data_prep/make_ct_phantoms.py --output-root DIR --num-images N --size S --seed K [--format png|npy]
+        [--kind ellipses|textured]
 
 ``--format png`` (default): 16-bit grayscale PNG, value round(x * 65535) (read back by ImageFolderDataset as
 value / 65535, error <= 7.7e-6); ``--format npy``: float32 (1, S, S) arrays, exact. Files are
-``DIR/phantom_00000.png`` ... (key = ``phantom_key(index)``). Existing files are never overwritten unless
+``DIR/phantom_00000.png`` ... (key = ``phantom_key(index, kind)``: ``textured_00000.png`` ... for
+``--kind textured``, which uses the family's default parameters). Existing files are never overwritten unless
 ``--overwrite`` is given; the check covers every target file before anything is written (a refusal prints one
 ``error: ...`` line naming the fix and exits with status 2).
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 
-from diffinv_pl.data.phantoms import phantom_key, random_ellipses_phantom
+from diffinv_pl.data.phantoms import PHANTOM_KINDS, phantom_generator, phantom_key
 from diffinv_pl.errors import UserError, report_user_errors
 
 FORMATS = ("png", "npy")
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", required=True, type=int, help="number of phantoms (indices 0 .. N-1)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0, help="phantom set seed (default 0)")
+    p.add_argument("--kind", choices=PHANTOM_KINDS, default="ellipses", help="phantom family (default ellipses)")
     p.add_argument("--format", choices=FORMATS, default="png", help="png (16-bit) or npy (float32)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     return p
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     root: Path = args.output_root
     if root.exists() and not root.is_dir():
         raise UserError(f"--output-root {str(root)!r} is a file, not a folder; choose a folder to write into")
-    targets = [root / f"{phantom_key(i)}.{args.format}" for i in range(args.num_images)]
+    targets = [root / f"{phantom_key(i, args.kind)}.{args.format}" for i in range(args.num_images)]
     existing = [t for t in targets if t.exists()]
     if existing and not args.overwrite:
         raise UserError(
@@ -65,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             "--overwrite to replace them, or choose another --output-root"
         )
     root.mkdir(parents=True, exist_ok=True)
+    generate = phantom_generator(args.kind)
     for i, path in enumerate(targets):
-        write_phantom(path, random_ellipses_phantom(i, args.seed, args.size), args.format)
-    print(f"wrote {len(targets)} phantoms ({args.size}x{args.size}, seed {args.seed}, {args.format}) to {root}")
+        write_phantom(path, generate(i, args.seed, args.size), args.format)
+    shape = f"{args.size}x{args.size}, seed {args.seed}, {args.format}"
+    print(f"wrote {len(targets)} {args.kind} phantoms ({shape}) to {root}")
     return 0
 
 
