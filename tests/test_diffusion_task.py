@@ -20,6 +20,7 @@ from diffinv_pl.data.shards import write_shards
 from diffinv_pl.data.training import ImageTrainingDataModule, ShardTrainingDataModule
 from diffinv_pl.diffusion.losses import EDMObjective, VEObjective, VPObjective, build_objective, denoising_loss
 from diffinv_pl.diffusion.schedules import vp_continuous_sigma
+from diffinv_pl.errors import UserError
 from diffinv_pl.priors.checkpoints import CHECKPOINT_FORMAT, PriorCheckpointDescription, load_diffusion_prior
 from diffinv_pl.priors.network import NetworkPrior, RangeAdaptedPrior
 from diffinv_pl.priors.patch_denoiser import PatchAssembledPrior
@@ -147,10 +148,17 @@ def test_assembled_denoiser_is_exact_for_pointwise_and_positional_patch_denoiser
         return 2 * x - sigma.reshape(-1, 1, 1, 1)
 
     x = torch.rand(2, 1, n, n, dtype=torch.float64)
-    d = PatchAssembledPrior(pointwise, convention, p)
+    d = PatchAssembledPrior(pointwise, convention, p, canvas_state=False)
     torch.testing.assert_close(d.denoise(x, 0.3, generator=torch.Generator().manual_seed(0)), 2 * x - 0.3, rtol=0, atol=1e-12)
     per_side = math.ceil((n + m) / p)
     assert calls == [2 * per_side**2]
+    # the canvas state (default): the same on the centre, the pad value outside it, whatever the border held
+    d = PatchAssembledPrior(pointwise, convention, p, pad_value=-1.0)
+    canvas = d.encode(x)
+    canvas = canvas + torch.rand(canvas.shape, dtype=torch.float64)  # noise over the border too
+    out = d.denoise(canvas, 0.3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(d.decode(out), 2 * d.decode(canvas) - 0.3, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, d.encode(d.decode(out)), rtol=0, atol=0)
     if (n, m, p) == (256, 24, 56):
         assert per_side**2 == 25  # PaDIS's 5 x 5 grid
 
@@ -158,17 +166,22 @@ def test_assembled_denoiser_is_exact_for_pointwise_and_positional_patch_denoiser
     # every shift: the coordinates are cut from the right place and the patches written back to the right place
     coords = canvas_positional_channels(convention, dtype=torch.float64)[:, m : m + n, m : m + n]
     for channel in (0, 1):
-        d = PatchAssembledPrior(lambda z, s, pos, c=channel: pos[:, c : c + 1], convention, p)
+        d = PatchAssembledPrior(lambda z, s, pos, c=channel: pos[:, c : c + 1], convention, p, canvas_state=False)
         for shift in {(0, 0), (max(m - 1, 0), 0), (0, max(m - 1, 0)), (m // 2, max(m - 1, 0))}:
             torch.testing.assert_close(d(x, 1.0, shift=shift)[0, 0], coords[channel], rtol=0, atol=1e-12)
 
 
 def test_assembled_denoiser_errors():
-    d = PatchAssembledPrior(lambda z, s, pos: z, PositionalConvention(16, 4), 8)
+    d = PatchAssembledPrior(lambda z, s, pos: z, PositionalConvention(16, 4), 8, canvas_state=False)
     with pytest.raises(ValueError, match="image_size"):
         d(torch.zeros(1, 1, 12, 12), 1.0)
     with pytest.raises(ValueError, match=r"shift \(4, 0\) must lie in \[0, 3\]"):
         d(torch.zeros(1, 1, 16, 16), 1.0, shift=(4, 0))
+    canvas = PatchAssembledPrior(lambda z, s, pos: z, PositionalConvention(16, 4), 8)
+    with pytest.raises(ValueError, match=r"padded-canvas states \(\.\.\., C, 24, 24\)"):
+        canvas(torch.zeros(1, 1, 16, 16), 1.0)
+    with pytest.raises(ValueError, match="pad_value must be finite"):
+        PatchAssembledPrior(lambda z, s, pos: z, PositionalConvention(16, 4), 8, pad_value=float("nan"))
 
 
 def test_patch_training_cut_positions_match_canvas_coordinates():
@@ -219,7 +232,9 @@ def trained_padis(tmp_path_factory):
 
 def test_tiny_padis_ct_lowers_loss_and_denoises_held_out_phantoms(trained_padis, tmp_path):
     out, before, metrics = trained_padis
-    # Measured (1 thread, 6 epochs, ~30 s): val/loss 1.02 -> 0.71, val/psnr_gain_sigma0.2 -0.2 -> +2.7 dB.
+    # Measured (1 thread, 6 epochs, ~15 s; PaDIS defaults: air pad, canvas state, loss summed over patch pixels,
+    # counted images x 1.3): val/loss 388 -> 181, val/psnr_gain_sigma0.2 -1.5 -> +2.2 dB (per-pixel mean loss and
+    # loader counting instead: 1.52 -> 0.75, +1.8 dB).
     assert metrics["val/loss"] < 0.85 * before["val/loss"]
     assert metrics["val/psnr_gain_sigma0.2"] > 1.5
 
@@ -228,9 +243,12 @@ def test_tiny_padis_ct_lowers_loss_and_denoises_held_out_phantoms(trained_padis,
     assert prior.convention == PositionalConvention(32, 8) and prior.max_patch_size == 16
     held_out = torch.stack([random_ellipses_phantom(i, 424242, 32) for i in range(8)])  # a seed never trained on
     x0 = 2 * held_out - 1  # model range [-1, 1]
-    noisy = x0 + 0.2 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    whole = prior.whole_image()  # the state is the canvas padded with air (-1), noised over its border too
+    state = whole.encode(x0)
+    noisy_state = state + 0.2 * torch.randn(state.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        denoised = prior.whole_image().denoise(noisy, 0.2, generator=torch.Generator().manual_seed(0))
+        denoised = whole.decode(whole.denoise(noisy_state, 0.2, generator=torch.Generator().manual_seed(0)))
+    noisy = whole.decode(noisy_state)
 
     def psnr(x):  # on [0, 1], i.e. data range 2 in model units
         return (10 * torch.log10(4 / (x.clamp(-1, 1) - x0).square().flatten(1).mean(1))).mean().item()
@@ -348,6 +366,58 @@ def test_ema_schedule_and_nonfinite_gradients():
     p.grad.view(-1)[0] = 1.5
     task.on_before_optimizer_step(None)
     assert p.grad.view(-1)[0] == 1.5 and torch.count_nonzero(p.grad) == 1
+
+
+def test_padis_loss_reduction_pad_value_and_nonfinite_gradients():
+    """loss_reduction=padis_sum is the per-pixel mean times d = C P^2 (sum over pixels / number of patches); the
+    training pad is the model-unit image of the data-unit zero; +-Inf gradients become +-1e5 with the PaDIS value."""
+    mean_task, sum_task = _tiny_task(), _tiny_task(loss_reduction="padis_sum")
+    sum_task.denoiser.load_state_dict(mean_task.denoiser.state_dict())
+    x0 = torch.rand(3, 1, 16, 16) * 2 - 1
+
+    def terms(task):
+        return task._loss_terms(task.denoiser, x0, torch.Generator().manual_seed(5), torch.Generator().manual_seed(6))
+
+    (per_mean, sigma_a, size), (per_sum, sigma_b, size_b) = terms(mean_task), terms(sum_task)
+    assert size == size_b and torch.equal(sigma_a, sigma_b) and per_mean.shape == (3 * TINY_PATCH["multipliers"][size],)
+    torch.testing.assert_close(per_sum, per_mean * size * size, rtol=1e-6, atol=0)
+    assert mean_task.patch.pad_value == -1.0  # [0, 1] data in [-1, 1]: air is -1, not mid-grey 0
+    assert _tiny_task(data_range=None, model_range=None).patch.pad_value == 0.0
+    task = _tiny_task(patch=False, nonfinite_grad_value=1e5)
+    p = next(task.denoiser.parameters())
+    p.grad = torch.zeros_like(p)
+    p.grad.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.5])
+    task.on_before_optimizer_step(None)
+    assert p.grad.view(-1)[:4].tolist() == [0.0, 1e5, -1e5, 1.5]
+
+
+def test_padis_image_counting_and_lr_rampup(tmp_path):
+    """count_images=padis: a step of B loader images counts B x batch_mul_avg (TINY_PATCH: {4: 0.5, 8: 0.5}, m 2/1:
+    0.5 x 2 + 0.5 x 1 = 1.5); lr_rampup_images ramps lr * min(1, counted images before the step / ramp-up), 0 first."""
+    task = _tiny_task(count_images="padis", lr_rampup_images=100)
+    assert task.patch.counted_images_factor == 1.5 and task.counted_images(4) == 6.0
+    lrs = []
+
+    class Lr(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, enable_checkpointing=False, callbacks=[Lr()])
+    trainer.fit(task, datamodule=_phantom_data())
+    expected = torch.tensor([0.0, 2e-3 * 6 / 100, 2e-3 * 12 / 100])  # lr * counted images before the step / 100
+    torch.testing.assert_close(torch.tensor(lrs), expected, rtol=1e-6, atol=0)
+    for kwargs, message in [
+        ({"loss_reduction": "sum"}, "model.loss_reduction='sum' is unknown: use one of mean, padis_sum"),
+        ({"count_images": "patches"}, "model.count_images='patches' is unknown"),
+        ({"lr_rampup_images": 100, "warmup_steps": 5}, "use one of the two warm-ups"),
+        ({"nonfinite_grad_value": -1.0}, "nonfinite_grad_value must be finite and >= 0"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            _tiny_task(**kwargs)
+    with pytest.raises(UserError, match="count_images=padis .* needs model.patch"):
+        _tiny_task(patch=False, count_images="padis")
+    with pytest.raises(UserError, match="model.patch.pad_value is not a setting"):
+        DiffusionTask({**TINY_NET, "cond_channels": 2}, image_channels=1, patch={**TINY_PATCH, "pad_value": 0.0})
 
 
 def test_ema_follows_the_weights_with_the_configured_half_life(tmp_path):
@@ -517,6 +587,10 @@ def test_checkpoint_description_round_trips_and_refuses_unknown_missing_and_old_
     whole = _tiny_task(patch=False, objective=objective, ema_halflife_images=None).checkpoint_description()
     assert whole.positional_convention is None and whole.inference_patch_size is None and not whole.ema
     assert PriorCheckpointDescription.from_dict(whole.to_dict()) == whole
+    # format 2 (before the air pad and the canvas state): whole-image descriptions read unchanged, patch ones refused
+    assert PriorCheckpointDescription.from_dict({**whole.to_dict(), "format": "diffinv_pl.diffusion_prior/2"}) == whole
+    with pytest.raises(ValueError, match=r"patch prior has checkpoint format .*/2.*mid-grey.*retrain"):
+        PriorCheckpointDescription.from_dict({**d, "format": "diffinv_pl.diffusion_prior/2"})
 
 
 @pytest.mark.parametrize(("patch", "ema"), [(True, True), (False, False)])
@@ -546,7 +620,7 @@ def test_saved_checkpoint_description_is_what_the_task_built(patch, ema, tmp_pat
         "image_channels": 1, "data_range": (0.0, 1.0), "model_range": (-1.0, 1.0), "objective": "edm",
     }
     torch.save(ckpt, tmp_path / "old.ckpt")
-    with pytest.raises(ValueError, match=r"format 'diffinv_pl.diffusion_prior/1' is not .*/2.*retrain the prior"):
+    with pytest.raises(ValueError, match=r"format 'diffinv_pl.diffusion_prior/1' is not .*/3.*retrain the prior"):
         load_diffusion_prior(tmp_path / "old.ckpt")
     with pytest.raises(ValueError, match="retrain the prior"):  # resuming it too
         _tiny_task(patch=patch).on_load_checkpoint(ckpt)

@@ -225,7 +225,9 @@ def test_convert_to_safetensors_and_load_as_patch_prior(snapshot, tmp_path, caps
     whole = converted_padis_prior(out)
     assert isinstance(whole, PatchAssembledPrior)
     images = torch.rand(2, 1, 8, 8)
-    den = whole.denoise(images, torch.tensor(0.5), generator=torch.Generator().manual_seed(0))
+    # the state is the 16 x 16 canvas padded with the data-unit zero (PaDIS's [0, 1] range: 0)
+    assert whole.state_shape((1, 8, 8)) == (1, 16, 16) and whole.pad_value == 0.0
+    den = whole.decode(whole.denoise(whole.encode(images), torch.tensor(0.5), generator=torch.Generator().manual_seed(0)))
     assert den.shape == (2, 1, 8, 8) and torch.isfinite(den).all() and not torch.equal(den, images)
     (out / "description.json").unlink()
     with pytest.raises(UserFileError, match="no description.json"):

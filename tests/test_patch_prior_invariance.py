@@ -50,7 +50,8 @@ def test_patch_shifts_come_from_each_samples_generator(patch_checkpoint):
     batch = patches.draw_shifts(4, [key_generator(0, k) for k in KEYS])
     alone = [patches.draw_shifts(1, [key_generator(0, k)])[0] for k in KEYS]
     assert batch == alone and len(set(batch)) > 1  # per sample, and not one shift for all
-    x = torch.rand(4, 1, 32, 32)
+    x = prior.encode(torch.rand(4, 1, 32, 32))  # the padded 48 x 48 canvas (data range: air = 0 in the border)
+    assert x.shape == (4, 1, 48, 48) and torch.all(x[..., :8, :] == 0.0)
     in_batch = prior.denoise(x, 0.5, generator=[key_generator(0, k) for k in KEYS])
     for i, k in enumerate(KEYS):
         torch.testing.assert_close(prior.denoise(x[i : i + 1], 0.5, generator=[key_generator(0, k)])[0], in_batch[i], rtol=0, atol=1e-6)

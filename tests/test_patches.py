@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffinv_pl.errors import UserError
 from diffinv_pl.priors.patches import (
+    PatchTraining,
     PositionalConvention,
     batch_multipliers,
     canvas_positional_channels,
     check_probabilities,
+    data_zero,
     draw_patch_size,
     patch_diffusion_sizes,
     patch_size_probabilities,
@@ -170,6 +173,29 @@ def test_batch_multipliers():
     assert batch_multipliers() == {16: 64, 32: 32, 64: 16}
     assert batch_multipliers((16, 32, 56)) == {16: 64, 32: 32, 56: 16}
     assert batch_multipliers((8, 1024)) == {8: 64, 1024: 1}
+    # PaDIS's table (default) vs Patch-Diffusion's: they differ at 96 (8 vs 4) and above the table (full image)
+    padis = batch_multipliers((16, 24, 32, 48, 56, 64, 96, 256))
+    assert padis == {16: 64, 24: 32, 32: 32, 48: 16, 56: 16, 64: 16, 96: 8, 256: 1}
+    assert batch_multipliers((96, 256), "patch_diffusion") == {96: 4, 256: 2}
+    with pytest.raises(UserError, match="unknown batch-multiplier table 'edm'.*padis, patch_diffusion"):
+        batch_multipliers((16,), "edm")
+
+
+def test_patch_training_table_counted_images_and_pad_value():
+    """PaDIS's config: m 64/32/16, batch_mul_avg = 0.2 * 4 + 0.3 * 2 + 0.5 * 1 = 1.9; the pad is the data-unit zero."""
+    padis = PatchTraining.build(256, 64, pad_value=data_zero((0.0, 1.0), (-1.0, 1.0)))
+    assert padis.multipliers == {16: 64, 32: 32, 64: 16}
+    assert padis.counted_images_factor == pytest.approx(1.9, abs=1e-12)
+    pd = PatchTraining.build(256, 0, patch_sizes=(16, 96), real_p=0.5, batch_multipliers="patch_diffusion")
+    assert pd.multipliers == {16: 64, 96: 4} and pd.counted_images_factor == pytest.approx(0.5 * 16 + 0.5)
+    assert data_zero((0.0, 1.0), (-1.0, 1.0)) == -1.0 and data_zero(None, None) == 0.0
+    images = torch.rand(2, 1, 8, 8) * 2 - 1  # model range [-1, 1]
+    small = PatchTraining.build(8, 4, patch_sizes=[16], real_p=1.0, multipliers={16: 1}, pad_value=-1.0)
+    patches, _, size = small.cut(images, torch.Generator().manual_seed(0))  # P = R: the whole padded canvas
+    assert size == 16 and torch.equal(patches[:, :, 4:12, 4:12], images)
+    border = torch.ones(16, 16, dtype=torch.bool)
+    border[4:12, 4:12] = False
+    assert torch.all(patches[..., border] == -1.0)  # air, not the mid-grey 0
 
 
 def test_convention_mismatch_names_pad_width():

@@ -29,10 +29,13 @@ from diffinv_pl.errors import UserFileError
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.priors.network import NetworkPrior, RangeAdaptedPrior
 from diffinv_pl.priors.patch_denoiser import PatchAssembledPrior
-from diffinv_pl.priors.patches import PositionalConvention
+from diffinv_pl.priors.patches import PositionalConvention, data_zero
 
 FORMAT_PREFIX = "diffinv_pl.diffusion_prior/"
-CHECKPOINT_FORMAT = FORMAT_PREFIX + "2"
+CHECKPOINT_FORMAT = FORMAT_PREFIX + "3"
+# format 3: patch priors pad with the data-unit zero (air) and solve on the padded canvas (format 2 padded with the
+# model-range 0, mid-grey). Whole-image descriptions did not change, so format 2 is still read for them.
+WHOLE_IMAGE_FORMATS = (FORMAT_PREFIX + "2",)
 # the sampling ranges of EDM (Karras et al. 2022, Table 1 / Appendix): sigma in [0.002, 80] for EDM, t in [1e-3, 1]
 # for the continuous VP schedule (the VP sampler's epsilon_s)
 EDM_SIGMA_RANGE = (0.002, 80.0)
@@ -182,8 +185,15 @@ class PriorCheckpointDescription:
         each with the names."""
         if not isinstance(d, Mapping):
             raise ValueError(f"a prior checkpoint description must be a mapping, got {type(d).__name__}")
-        if d.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(_format_message(d.get("format")))
+        found = d.get("format")
+        if found in WHOLE_IMAGE_FORMATS and d.get("positional_convention") is not None:
+            raise ValueError(
+                f"this patch prior has checkpoint format {found!r}: it was trained with the pad filled with the "
+                "model-range 0 (mid-grey), not the data-unit 0 (air) that PaDIS and format 3 use; retrain it with the "
+                "current train.py"
+            )
+        if found != CHECKPOINT_FORMAT and found not in WHOLE_IMAGE_FORMATS:
+            raise ValueError(_format_message(found))
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:
@@ -191,7 +201,7 @@ class PriorCheckpointDescription:
         missing = [n for n in names if n not in d]
         if missing:
             raise ValueError(f"prior checkpoint description lacks field(s) {missing}")
-        values = dict(d)
+        values = {**d, "format": CHECKPOINT_FORMAT}  # a whole-image format-2 description reads unchanged
         conv = values["positional_convention"]
         values["positional_convention"] = PositionalConvention.from_dict(conv) if conv is not None else None
         return cls(**values)
@@ -225,9 +235,14 @@ class DiffusionPrior:
     sigma_range: tuple[float, float] = (0.0, math.inf)
     description: PriorCheckpointDescription | None = None
 
-    def whole_image(self, patch_size: int | None = None, per_sample_calls: bool = False) -> Prior:
+    def whole_image(
+        self, patch_size: int | None = None, per_sample_calls: bool = False, canvas_state: bool = True
+    ) -> Prior:
         """The whole-image prior in model-range units: the denoiser itself, or patches assembled on a randomly
-        shifted grid (shifts drawn from the generators the solver passes)."""
+        shifted grid (shifts drawn from the generators the solver passes), padded with the model-unit image of the
+        data-unit zero (:func:`~diffinv_pl.priors.patches.data_zero`: -1 for [0, 1] data trained in [-1, 1]).
+        ``canvas_state`` (patch priors; PaDIS: True): the solver state is the padded canvas (see
+        :class:`PatchAssembledPrior`); False: the image."""
         if self.convention is None:
             if patch_size is not None:
                 raise ValueError("patch_size is only meaningful for a patch-trained prior; this one is whole-image")
@@ -240,6 +255,8 @@ class DiffusionPrior:
             image_channels=self.image_channels,
             sigma_range=self.sigma_range,
             per_sample_calls=per_sample_calls,
+            pad_value=data_zero(self.data_range, self.model_range),
+            canvas_state=canvas_state,
         )
 
 
@@ -316,14 +333,16 @@ def trained_prior(
     expected_convention: dict | None = None,
     map_location: str = "cpu",
     per_sample_calls: bool = False,
+    canvas_state: bool = True,
 ) -> Prior:
     """The whole-image :class:`Prior` of a trained checkpoint on ``data_range`` images (default: the range the prior
     was trained from, stored in the checkpoint); patch priors are assembled on a randomly shifted grid whose shifts
     come from the solver's per-sample generators. ``per_sample_calls``: one network call per image, for results
-    bitwise independent of the batch and the number of ranks. This is what ``prior=trained prior.path=<ckpt>`` gives
+    bitwise independent of the batch and the number of ranks. ``canvas_state`` (patch priors): the solver state is
+    the padded canvas (PaDIS, default) or the image (False). This is what ``prior=trained prior.path=<ckpt>`` gives
     a solver."""
     prior = load_diffusion_prior(path, use_ema, expected_channels, expected_convention, map_location)
-    whole = prior.whole_image(patch_size, per_sample_calls)
+    whole = prior.whole_image(patch_size, per_sample_calls, canvas_state)
     target = tuple(data_range) if data_range is not None else prior.data_range
     if prior.model_range is None or target is None or tuple(target) == tuple(prior.model_range):
         return whole

@@ -78,6 +78,14 @@ class RangeAdaptedPrior(nn.Module, Prior):
     ``denoise`` (the generator) pass through unchanged.
     """
 
+    def __new__(cls, prior: Prior | None = None, *args, **kwargs) -> RangeAdaptedPrior:
+        # a wrapped prior whose state is not the image (a patch prior's padded canvas, a latent) gets encode/decode
+        # seen in data units; a pixel prior keeps the identity ones (solvers take closed-form paths for those)
+        # (prior None: copy/pickle, which restore the class they saved)
+        if cls is RangeAdaptedPrior and prior is not None and type(prior).decode is not Prior.decode:
+            cls = RangeAdaptedStatePrior
+        return super().__new__(cls)
+
     def __init__(self, prior: Prior, data_range: tuple[float, float], model_range: tuple[float, float] | None = None) -> None:
         super().__init__()
         model_range = model_range if model_range is not None else prior.data_range
@@ -106,6 +114,22 @@ class RangeAdaptedPrior(nn.Module, Prior):
 
     def state_shape(self, data_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.prior.state_shape(data_shape)
+
+class RangeAdaptedStatePrior(RangeAdaptedPrior):
+    """A :class:`RangeAdaptedPrior` of a prior whose state is not the image (``RangeAdaptedPrior(prior, ...)`` builds
+    it by itself when the wrapped prior overrides ``decode``): encode/decode of the wrapped prior seen in
+    ``data_range`` units, e.g. a patch prior's canvas padded with the data-unit zero."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The wrapped prior's encode seen in ``data_range`` units (e.g. a patch prior's canvas, padded with the
+        data-unit zero)."""
+        state = self.prior.encode(convert_range(x, self.data_range, self.model_range))
+        return convert_range(state, self.model_range, self.data_range)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """The wrapped prior's decode seen in ``data_range`` units."""
+        image = self.prior.decode(convert_range(z, self.data_range, self.model_range))
+        return convert_range(image, self.model_range, self.data_range)
 
 
 def as_prior(denoiser: Prior | nn.Module, data_range: tuple[float, float] | None = None) -> Prior:

@@ -39,10 +39,19 @@ images). With two sizes the smaller one takes all of ``1 - real_p`` (the LION P 
 real_p = 0.7); with one size it has probability 1 (``real_p`` must then be 1). For four or more sizes the notes
 give no rule: pass ``small_weights`` (relative weights of the non-largest sizes, ascending) explicitly.
 
-Batch multipliers (``batch_multipliers``): a smaller patch gets a larger batch. PaDIS cuts one patch from each of
-``batch_gpu * m(P)`` images with m = 16 (P = 64), 32 (P = 32), 64 (P = 16); Patch-Diffusion's table continues with
-m = 4 (128), 2 (256), 1 (512). Sizes outside the table take the multiplier of the nearest tabulated size >= P (never
-more patch pixels per batch than the tabulated neighbour, e.g. m(56) = m(64) = 16); a size above 512 gets 1.
+Batch multipliers (``batch_multipliers``): a smaller patch gets a larger batch: one patch is cut from each of
+``batch x m(P)`` images. Two tables (methods.md §0.5):
+
+* ``"padis"`` (default for explicit patch sizes; PaDIS's ``batch_mul_dict``): m = 64 (P = 16), 32 (24, 32),
+  16 (48, 56, 64), 8 (96); the full image gets 1.
+* ``"patch_diffusion"`` (Patch-Diffusion's): m = 64 (16), 32 (32), 16 (64), 4 (128), 2 (256), 1 (512).
+
+Sizes outside a table take the multiplier of the nearest tabulated size >= P (never more patch pixels per batch than
+the tabulated neighbour, e.g. m(40) = m(48) = 16); a size above the table (the full image) gets 1.
+
+Pad value: the canvas is padded with ``pad_value``, the **model-unit image of the data-unit zero** (air in CT), as
+PaDIS pads [0, 1] images with 0 before any rescaling (methods.md §0.5). With data [0, 1] mapped to model [-1, 1]
+that is -1, not the mid-grey 0 (:func:`data_zero`).
 """
 
 from __future__ import annotations
@@ -53,9 +62,15 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor
 
+from diffinv_pl.errors import UserError
+from diffinv_pl.utils.ranges import convert_range
+
 NORMALIZATIONS = ("canvas", "image")
-# Patch-Diffusion's batch_mul_dict (PaDIS uses the 64/32/16 entries)
-UPSTREAM_BATCH_MULTIPLIERS: dict[int, int] = {512: 1, 256: 2, 128: 4, 64: 16, 32: 32, 16: 64}
+# batch_mul_dict of PaDIS (jasonhu4/PaDIS) and of Patch-Diffusion (Zhendong-Wang/Patch-Diffusion), methods.md §0.5
+BATCH_MULTIPLIER_TABLES: dict[str, dict[int, int]] = {
+    "padis": {16: 64, 24: 32, 32: 32, 48: 16, 56: 16, 64: 16, 96: 8},
+    "patch_diffusion": {16: 64, 32: 32, 64: 16, 128: 4, 256: 2, 512: 1},
+}
 PADIS_PATCH_SIZES = (16, 32, 64)
 
 
@@ -199,15 +214,32 @@ def check_probabilities(probs: Mapping[int, float], atol: float = 1e-6) -> dict[
     return dict(sorted(out.items()))
 
 
-def batch_multipliers(patch_sizes: Sequence[int] = PADIS_PATCH_SIZES) -> dict[int, int]:
-    """{size: m(size)}: images per GPU-batch entry for patches of that size (module docstring)."""
+def batch_multipliers(patch_sizes: Sequence[int] = PADIS_PATCH_SIZES, table: str = "padis") -> dict[int, int]:
+    """{size: m(size)}: images per batch entry for patches of that size, from the ``"padis"`` or ``"patch_diffusion"``
+    table (module docstring)."""
     sizes = _check_sizes(patch_sizes)
-    table = sorted(UPSTREAM_BATCH_MULTIPLIERS)
+    if table not in BATCH_MULTIPLIER_TABLES:
+        raise UserError(
+            f"unknown batch-multiplier table {table!r}: set model.patch.batch_multipliers to one of "
+            f"{', '.join(BATCH_MULTIPLIER_TABLES)} (or give model.patch.multipliers explicitly)"
+        )
+    values = BATCH_MULTIPLIER_TABLES[table]
     out = {}
     for s in sizes:
-        above = [t for t in table if t >= s]
-        out[s] = UPSTREAM_BATCH_MULTIPLIERS[above[0]] if above else 1
+        above = [t for t in sorted(values) if t >= s]
+        out[s] = values[above[0]] if above else 1
     return out
+
+
+_table_multipliers = batch_multipliers  # PatchTraining.build has an argument of that name (the config key)
+
+
+def data_zero(data_range: Sequence[float] | None, model_range: Sequence[float] | None) -> float:
+    """The model-unit value of the data-unit zero (the pad value, module docstring): lo_m + (0 - lo) (hi_m - lo_m) /
+    (hi - lo) for the affine map ``data_range`` -> ``model_range``; 0 without a map. [0, 1] -> [-1, 1] gives -1."""
+    if data_range is None or model_range is None:
+        return 0.0
+    return float(convert_range(0.0, tuple(map(float, data_range)), tuple(map(float, model_range))))
 
 
 def draw_patch_size(probs: Mapping[int, float], generator: torch.Generator) -> int:
@@ -226,11 +258,12 @@ def patch_diffusion_sizes(convention: PositionalConvention) -> tuple[int, int, i
     return (r // 4, r // 2, r)
 
 
-def pad_images(images: Tensor, convention: PositionalConvention) -> Tensor:
-    """(B, C, N, N) -> (B, C, R, R) zero-padded by ``pad_width`` on every side."""
+def pad_images(images: Tensor, convention: PositionalConvention, value: float = 0.0) -> Tensor:
+    """(B, C, N, N) -> (B, C, R, R) padded by ``pad_width`` on every side with ``value`` (the model-unit image of
+    the data-unit zero: :func:`data_zero`)."""
     _check_images(images, convention)
     m = convention.pad_width
-    return torch.nn.functional.pad(images, (m, m, m, m)) if m else images
+    return torch.nn.functional.pad(images, (m, m, m, m), value=float(value)) if m else images
 
 
 def sample_patches(
@@ -238,8 +271,9 @@ def sample_patches(
     convention: PositionalConvention,
     patch_size: int,
     generator: torch.Generator,
+    pad_value: float = 0.0,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """One random p x p patch per image of the zero-padded (B, C, N, N) ``images``: (patches (B, C, p, p),
+    """One random p x p patch per image of the (B, C, N, N) ``images`` padded with ``pad_value``: (patches (B, C, p, p),
     pos (B, 2, p, p) in ``images.dtype``, (top, left) (B,) int64 canvas indices of the patches' top-left pixels).
     Positions are uniform on {0..R-p}^2 and drawn from ``generator`` (on the CPU) only; p = R gives the whole
     padded image (Patch-Diffusion's largest size)."""
@@ -252,7 +286,7 @@ def sample_patches(
     n_pos = r - patch_size + 1
     top = torch.randint(0, n_pos, (b,), generator=generator, device=generator.device).cpu()
     left = torch.randint(0, n_pos, (b,), generator=generator, device=generator.device).cpu()
-    patches = cut_patches(pad_images(images, convention), top, left, patch_size)
+    patches = cut_patches(pad_images(images, convention, pad_value), top, left, patch_size)
     pos = positional_channels(convention, top, left, patch_size, b, images.dtype, images.device)
     return patches, pos, (top, left)
 
@@ -330,7 +364,8 @@ def _check_sizes(patch_sizes: Sequence[int]) -> list[int]:
 class PatchTraining:
     """Patch-mode training set-up (PaDIS, methods.md §3.2): each iteration draws one patch size P from
     ``probabilities`` and cuts ``multipliers[P]`` random P x P patches (with positional channels) from every image of
-    the batch, so a batch of B images gives B m(P) patches.
+    the batch, so a batch of B images gives B m(P) patches. The canvas is padded with ``pad_value`` (model units; the
+    image of the data-unit zero, :func:`data_zero`).
 
     PaDIS cuts one patch from each of ``batch_gpu x m(P)`` distinct images; here the data loader's B images are each
     reused m(P) times with independent positions, which gives the same number of patches per step without a
@@ -340,6 +375,7 @@ class PatchTraining:
     convention: PositionalConvention
     probabilities: Mapping[int, float]
     multipliers: Mapping[int, int]
+    pad_value: float = 0.0
 
     def __post_init__(self):
         probs = check_probabilities(self.probabilities)
@@ -349,6 +385,7 @@ class PatchTraining:
         if missing or any(v < 1 for v in mult.values()):
             raise ValueError(f"multipliers need an int >= 1 for every patch size {sorted(probs)}, got {mult}")
         object.__setattr__(self, "multipliers", {s: mult[s] for s in probs})
+        object.__setattr__(self, "pad_value", float(self.pad_value))
         for s in probs:
             _check_patch(self.convention, s)
 
@@ -362,12 +399,17 @@ class PatchTraining:
         real_p: float = 0.5,
         small_weights: Sequence[float] | None = None,
         multipliers: Mapping[int, int] | None = None,
+        batch_multipliers: str | None = None,
+        pad_value: float = 0.0,
     ) -> PatchTraining:
         """From config values: ``patch_sizes`` a list or ``"patch_diffusion"`` ((R//4, R//2, R), the largest patch
-        the whole padded canvas); ``multipliers`` None uses the upstream table (:func:`batch_multipliers`), divided
-        by the full canvas's entry for ``"patch_diffusion"`` as Patch-Diffusion does (e.g. 8/2/1 for R = 256)."""
+        the whole padded canvas); ``multipliers`` an explicit {size: m} or None for the table ``batch_multipliers``
+        (``"padis"`` | ``"patch_diffusion"``; None: ``"patch_diffusion"`` for ``patch_sizes="patch_diffusion"``,
+        else ``"padis"``). With ``"patch_diffusion"`` sizes the table is divided by the full canvas's entry, as
+        Patch-Diffusion does (e.g. 8/2/1 for R = 256). ``pad_value``: the model-unit pad (:func:`data_zero`)."""
         convention = PositionalConvention(int(image_size), int(pad_width), normalization)
-        if isinstance(patch_sizes, str):
+        whole_canvas = isinstance(patch_sizes, str)
+        if whole_canvas:
             if patch_sizes != "patch_diffusion":
                 raise ValueError(f"patch_sizes must be a list of ints or 'patch_diffusion', got {patch_sizes!r}")
             sizes = list(patch_diffusion_sizes(convention))
@@ -376,22 +418,30 @@ class PatchTraining:
         probs = patch_size_probabilities(real_p, sizes, small_weights)
         if multipliers is not None:
             mult = {int(k): int(v) for k, v in multipliers.items()}
-        elif isinstance(patch_sizes, str):  # Patch-Diffusion: relative to the full canvas, which gets 1
-            table = batch_multipliers(sizes)
-            mult = {s: max(1, table[s] // table[sizes[-1]]) for s in sizes}
         else:
-            mult = batch_multipliers(sizes)
-        return cls(convention, probs, mult)
+            table = batch_multipliers or ("patch_diffusion" if whole_canvas else "padis")
+            mult = _table_multipliers(sizes, table)
+            if whole_canvas:  # relative to the full canvas, which gets 1
+                mult = {s: max(1, mult[s] // mult[sizes[-1]]) for s in sizes}
+        return cls(convention, probs, mult, pad_value)
+
+    @property
+    def counted_images_factor(self) -> float:
+        """PaDIS's ``batch_mul_avg``: sum_P p(P) m(P) / m(P_max), the images an EMA / lr ramp-up step counts per
+        loader image (1.9 for {16: 0.2, 32: 0.3, 64: 0.5} with m 64/32/16: relative multipliers 4/2/1)."""
+        largest = max(self.probabilities)
+        return sum(p * self.multipliers[s] / self.multipliers[largest] for s, p in self.probabilities.items())
 
     def cut(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
         """(patches (B m, C, P, P), pos (B m, 2, P, P), P) from (B, C, N, N) ``images``; all draws from ``generator``.
-        Patches k m .. k m + m - 1 come from image k; each image is padded once (not m times)."""
+        Patches k m .. k m + m - 1 come from image k; each image is padded once (with ``pad_value``), not m times."""
         size = draw_patch_size(self.probabilities, generator)
         m, b = self.multipliers[size], images.shape[0]
         n_pos = self.convention.padded_size - size + 1
         top = torch.randint(0, n_pos, (b * m,), generator=generator, device=generator.device).cpu()
         left = torch.randint(0, n_pos, (b * m,), generator=generator, device=generator.device).cpu()
         source = torch.arange(b).repeat_interleave(m)
-        patches = cut_patches(pad_images(images, self.convention), top, left, size, source)
+        patches = cut_patches(pad_images(images, self.convention, self.pad_value), top, left, size, source)
         pos = positional_channels(self.convention, top, left, size, b * m, images.dtype, images.device)
         return patches, pos, size
+

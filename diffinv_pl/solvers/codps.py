@@ -213,8 +213,9 @@ def _codps(
     check_codps_operator(name, problem, gram_solver)
     data_shape = tuple(problem.operator.in_shape)
     if tuple(prior.state_shape(data_shape)) != data_shape:
-        raise UserError(f"{name} works in data space; a latent prior (state shape {prior.state_shape(data_shape)}) is "
-                        "not supported (use DPS or a latent solver)")
+        raise UserError(f"{name} works in data space; a prior whose state is not the image (state shape "
+                        f"{prior.state_shape(data_shape)}: a latent prior, or a patch prior on its padded canvas) is not "
+                        "supported: use DPS/DAPS, or prior.canvas_state=false for a patch prior")
     x_init = initial_state(problem, prior, grid.init_std, generator, x_init)
     op: LinearOperator = problem.operator  # type: ignore[assignment]
     dtype, device = x_init.dtype, x_init.device

@@ -6,8 +6,9 @@ preconditioning. Noise levels are in model-range units: image data in ``data_ran
 affinely to ``model_range`` (default [-1, 1]) before training, and that pair is stored in the checkpoint.
 
 Patch mode (``patch`` set, PaDIS §3.2): every step draws a patch size P, cuts m(P) random P x P patches per image from
-the zero-padded image and trains the network on them with two positional channels (x, y) that it receives
-unscaled. The :class:`PositionalConvention` (canvas size, padding, normalisation) is part of the
+the padded image and trains the network on them with two positional channels (x, y) that it receives unscaled. The
+pad is the data-unit zero (air), i.e. its model-unit image (-1 for [0, 1] data trained in [-1, 1]), as PaDIS pads
+[0, 1] images with 0 (methods.md §0.5). The :class:`PositionalConvention` (canvas size, padding, normalisation) is part of the
 :class:`PriorCheckpointDescription` written into every checkpoint (:meth:`DiffusionTask.checkpoint_description`) and
 is checked when one is loaded (:mod:`diffinv_pl.priors.checkpoints`) or resumed.
 
@@ -20,8 +21,19 @@ every checkpoint holds the EMA of the weights it stores.
 
 Training extras: EMA of the denoiser weights (``torch.optim.swa_utils.AveragedModel``) with EDM's half-life
 schedule, beta = 0.5 ** (images per step / min(halflife_images, rampup_ratio * images seen)); linear learning-rate
-warm-up over ``warmup_steps`` optimizer steps; non-finite gradients set to zero (EDM); gradient clipping and mixed
+warm-up over ``warmup_steps`` optimizer steps, or EDM's ramp-up lr * min(1, images seen / ``lr_rampup_images``);
+non-finite gradients sanitised (NaN -> 0, +-Inf -> +-``nonfinite_grad_value``); gradient clipping and mixed
 precision come from the Trainer (``trainer.gradient_clip_val``, ``trainer.precision=bf16-mixed``).
+
+Loss reduction and image counting (methods.md §0.5; whole-image defaults unchanged):
+
+* ``loss_reduction="mean"`` (default): per example lambda(sigma) ||D - x0||^2 / d, averaged over the batch.
+  ``"padis_sum"`` (PaDIS / EDM): summed over the d = C P^2 pixels of each patch, divided by the number of patches.
+  Adam is invariant to a constant loss scale (up to eps), so the lr needs no retuning; the difference is that the
+  sum weights a step by its patch size (P = 64 steps d = 4096, P = 16 steps 256).
+* ``count_images="loader"`` (default): a step counts the B x world x accumulate images the loader gave.
+  ``"padis"``: it counts that times PaDIS's ``batch_mul_avg`` = sum_P p(P) m(P) / m(P_max) (1.9 for its
+  {16: 0.2, 32: 0.3, 64: 0.5} with m 64/32/16), for the EMA half-life and ``lr_rampup_images`` (patch mode only).
 
 Logged: ``train/loss``; ``train/loss_sigma_<band>`` (per epoch: mean loss of the epoch's examples whose sigma falls in
 each band of ``sigma_bands``; each rank sums its own batches, rank 0's values are logged); ``val/loss`` (EMA model,
@@ -64,7 +76,7 @@ from diffinv_pl.priors.checkpoints import PriorCheckpointDescription, objective_
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.priors.network import NetworkPrior
 from diffinv_pl.priors.patch_denoiser import PatchAssembledPrior
-from diffinv_pl.priors.patches import PatchTraining, PositionalConvention
+from diffinv_pl.priors.patches import PatchTraining, PositionalConvention, data_zero
 from diffinv_pl.utils.io import save_png
 from diffinv_pl.utils.ranges import convert_range
 from diffinv_pl.utils.seeding import hash_seed
@@ -72,7 +84,7 @@ from diffinv_pl.utils.seeding import hash_seed
 log = logging.getLogger(__name__)
 
 
-def ema_beta(images_per_step: int, images_seen: int, halflife_images: float, rampup_ratio: float | None) -> float:
+def ema_beta(images_per_step: float, images_seen: float, halflife_images: float, rampup_ratio: float | None) -> float:
     """EDM's EMA decay per step: 0.5 ** (images_per_step / h), h = min(halflife, rampup_ratio * images_seen)."""
     halflife = halflife_images
     if rampup_ratio is not None:
@@ -94,7 +106,14 @@ class DiffusionTask(L.LightningModule):
         lr, betas, eps, weight_decay: Adam(W) parameters; warmup_steps: linear warm-up (0: none).
         ema_halflife_images: EMA half-life in training examples (images, or vectors), None disables the EMA;
             ema_rampup_ratio: EDM's ramp-up (None: none).
-        zero_nonfinite_grads: replace NaN/Inf gradient entries by 0 before each optimizer step (EDM).
+        zero_nonfinite_grads: replace non-finite gradient entries before each optimizer step: NaN by 0, +-Inf by
+            +-``nonfinite_grad_value`` (0 by default; EDM and PaDIS use 1e5).
+        loss_reduction: ``mean`` (per-pixel mean) | ``padis_sum`` (sum over pixels / number of patches; module
+            docstring).
+        count_images: ``loader`` | ``padis`` (loader images x PaDIS's batch_mul_avg; patch mode) for the EMA and
+            ``lr_rampup_images``.
+        lr_rampup_images: EDM/PaDIS lr ramp-up lr * min(1, counted images before the step / this); None: off (use
+            ``warmup_steps``, which it excludes).
         sigma_bands: increasing sigma edges of the per-band loss logging.
         val_sigmas: noise levels of the validation PSNR gain (images) or exact-denoiser comparison (GMM).
         sample_every_n_epochs: 0 disables sample grids; sample_steps, num_sample_images, sample_sigma_max: the EDM
@@ -125,6 +144,10 @@ class DiffusionTask(L.LightningModule):
         ema_halflife_images: float | None = 500_000,
         ema_rampup_ratio: float | None = 0.05,
         zero_nonfinite_grads: bool = True,
+        nonfinite_grad_value: float = 0.0,
+        loss_reduction: str = "mean",
+        count_images: str = "loader",
+        lr_rampup_images: float | None = None,
         sigma_bands: Sequence[float] = (0.1, 0.5, 2.0),
         val_sigmas: Sequence[float] = (0.2,),
         sample_every_n_epochs: int = 0,
@@ -144,6 +167,7 @@ class DiffusionTask(L.LightningModule):
                 "need lr > 0, eps > 0, weight_decay >= 0, warmup_steps >= 0 and two Adam betas, got "
                 f"{lr}, {eps}, {weight_decay}, {warmup_steps}, {tuple(betas)}"
             )
+        _check_padis_options(loss_reduction, count_images, patch, lr_rampup_images, warmup_steps, nonfinite_grad_value)
         if ema_halflife_images is not None and ema_halflife_images <= 0:
             raise ValueError(f"ema_halflife_images must be > 0 or null, got {ema_halflife_images}")
         bands = [float(s) for s in sigma_bands]
@@ -166,7 +190,7 @@ class DiffusionTask(L.LightningModule):
         if not isinstance(network, nn.Module):
             raise TypeError(f"net must be an nn.Module or its config, got {type(network).__name__}")
         self.denoiser: nn.Module = self.objective.precondition(network)
-        self.patch = PatchTraining.build(**dict(patch)) if patch is not None else None
+        self.patch = _patch_training(patch, data_range, model_range) if patch is not None else None
         self._check_network_channels(network)
         self.ema: AveragedModel | None = None
         if ema_halflife_images is not None:
@@ -195,13 +219,15 @@ class DiffusionTask(L.LightningModule):
 
     def whole_image_prior(self) -> Prior:
         """The whole-image prior (model range) of the EMA denoiser, assembled from patches in patch mode (random
-        shifts drawn from the generator given to ``denoise``)."""
+        shifts drawn from the generator given to ``denoise``; state: the canvas padded with the data-unit zero, so
+        validation and sample grids noise and denoise the border too, as PaDIS)."""
         sigma_range = objective_sigma_range(self.objective)
         if self.patch is None:
             return NetworkPrior(self.ema_denoiser, self.model_range, self.hparams.image_channels, sigma_range)
         return PatchAssembledPrior(
             self.ema_denoiser, self.patch.convention, self.checkpoint_description().inference_patch_size,
             data_range=self.model_range, image_channels=self.hparams.image_channels, sigma_range=sigma_range,
+            pad_value=self.patch.pad_value,
         )
 
     def forward(self, x: Tensor, sigma: Tensor | float, **net_kwargs: Tensor) -> Tensor:
@@ -268,7 +294,10 @@ class DiffusionTask(L.LightningModule):
             net_kwargs["pos"] = pos
         sigma = self.objective.sample_sigma(x0.shape[0], cpu_gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=dev_gen, device=x0.device, dtype=x0.dtype)
-        return denoising_loss(denoiser, self.objective, x0, sigma, noise, **net_kwargs), sigma, size
+        per_example = denoising_loss(denoiser, self.objective, x0, sigma, noise, **net_kwargs)
+        if self.hparams.loss_reduction == "padis_sum":  # sum over the d pixels of each patch, not the mean
+            per_example = per_example * x0[0].numel()
+        return per_example, sigma, size
 
     # ------------------------------------------------------------------------------------------------------------
     # training
@@ -281,12 +310,20 @@ class DiffusionTask(L.LightningModule):
             torch.manual_seed(cpu_gen.initial_seed() ^ 0x2545F491)  # dropout: a pure function of the step
             per_example, sigma, size = self._loss_terms(self.denoiser, x0, cpu_gen, dev_gen)
         loss = per_example.mean()
-        self._images_per_step = x0.shape[0] * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        loader_images = x0.shape[0] * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        self._images_per_step = self.counted_images(loader_images)
         self.log("train/loss", loss, prog_bar=True, batch_size=per_example.shape[0])
         if size is not None:
             self.log("train/patch_size", float(size), batch_size=1)
         self._log_sigma_bands(per_example.detach(), sigma)
         return loss
+
+    def counted_images(self, loader_images: int) -> float:
+        """Images one optimizer step counts for the EMA and the lr ramp-up: the loader's, times PaDIS's
+        batch_mul_avg with ``count_images="padis"`` (module docstring)."""
+        if self.hparams.count_images == "padis":
+            return loader_images * self.patch.counted_images_factor
+        return float(loader_images)
 
     def _band_names(self) -> list[str]:
         edges = [0.0, *self.hparams.sigma_bands, math.inf]
@@ -331,9 +368,10 @@ class DiffusionTask(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if not self.hparams.zero_nonfinite_grads:
             return
+        big = float(self.hparams.nonfinite_grad_value)
         for p in self.parameters():
             if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=big, neginf=-big)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimizer step, then the EMA update: both inside the training batch, before callbacks such as
@@ -355,7 +393,10 @@ class DiffusionTask(L.LightningModule):
             eps=self.hparams.eps,
             weight_decay=self.hparams.weight_decay,
         )
-        warmup = self.hparams.warmup_steps
+        warmup, rampup = self.hparams.warmup_steps, self.hparams.lr_rampup_images
+        if rampup is not None:  # EDM: lr * min(1, images seen before this step / ramp-up), 0 at the first step
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step * self._images_per_step / rampup))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if warmup == 0:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
@@ -387,9 +428,12 @@ class DiffusionTask(L.LightningModule):
         prior = self.whole_image_prior()
         lo, hi = self.data_range or self.model_range or (float(x0.min()), float(x0.max()))
         gains = {}
+        state = prior.encode(x0)  # patch priors: the padded canvas, noised over its border too (as PaDIS trains)
         for s in self.hparams.val_sigmas:
-            noisy = x0 + s * torch.randn(x0.shape, generator=dev_gen, device=x0.device, dtype=x0.dtype)
-            denoised = prior.denoise(noisy, torch.full((x0.shape[0],), s, device=x0.device, dtype=x0.dtype), generator=cpu_gen)
+            noisy_state = state + s * torch.randn(state.shape, generator=dev_gen, device=x0.device, dtype=x0.dtype)
+            sig = torch.full((x0.shape[0],), s, device=x0.device, dtype=x0.dtype)
+            denoised = prior.decode(prior.denoise(noisy_state, sig, generator=cpu_gen))
+            noisy = prior.decode(noisy_state)
             gains[s] = (_psnr(self._to_data(denoised), self._to_data(x0), lo, hi) - _psnr(self._to_data(noisy), self._to_data(x0), lo, hi)).mean()
         return gains
 
@@ -432,7 +476,7 @@ class DiffusionTask(L.LightningModule):
         gen = torch.Generator().manual_seed(seed)
         prior = self.whole_image_prior()
         sigmas = edm_sigmas(self.hparams.sample_steps, 0.002, self.hparams.sample_sigma_max).tolist() + [0.0]
-        shape = (num_images, self.hparams.image_channels, *image_size)
+        shape = (num_images, *prior.state_shape((self.hparams.image_channels, *image_size)))
         x = sigmas[0] * torch.randn(shape, generator=gen).to(self.device)
 
         def denoise(z: Tensor, sigma: float) -> Tensor:
@@ -440,7 +484,7 @@ class DiffusionTask(L.LightningModule):
 
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             x, _ = heun_step(x, denoise(x, s), s, s_next, denoise)
-        return self._to_data(x).float()
+        return self._to_data(prior.decode(x)).float()
 
     def _save_sample_grid(self, samples: Tensor, path: Path) -> None:
         from torchvision.utils import make_grid  # imported here: torchvision is slow to import and only needed here
@@ -533,6 +577,45 @@ class DiffusionTask(L.LightningModule):
             self._reset_bands()
             self._band_epoch = int(checkpoint.get("epoch", -1))
             self._partial_epoch = True
+
+
+LOSS_REDUCTIONS = ("mean", "padis_sum")
+COUNT_IMAGES = ("loader", "padis")
+
+
+def _check_padis_options(
+    loss_reduction: str, count_images: str, patch: Mapping | None, lr_rampup_images: float | None, warmup_steps: int,
+    nonfinite_grad_value: float,
+) -> None:
+    """Refuse unknown or conflicting PaDIS training options (UserError naming the fix)."""
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise UserError(f"model.loss_reduction={loss_reduction!r} is unknown: use one of {', '.join(LOSS_REDUCTIONS)}")
+    if count_images not in COUNT_IMAGES:
+        raise UserError(f"model.count_images={count_images!r} is unknown: use one of {', '.join(COUNT_IMAGES)}")
+    if count_images == "padis" and patch is None:
+        raise UserError(
+            "model.count_images=padis counts PaDIS's patch batch multipliers: it needs model.patch (or use loader)"
+        )
+    if lr_rampup_images is not None and (lr_rampup_images <= 0 or warmup_steps):
+        raise UserError(
+            f"model.lr_rampup_images={lr_rampup_images} needs a value > 0 and model.warmup_steps=0 (got "
+            f"{warmup_steps}): use one of the two warm-ups"
+        )
+    if not (math.isfinite(nonfinite_grad_value) and nonfinite_grad_value >= 0):
+        raise UserError(f"model.nonfinite_grad_value must be finite and >= 0 (EDM: 1e5), got {nonfinite_grad_value}")
+
+
+def _patch_training(
+    patch: Mapping, data_range: Sequence[float] | None, model_range: Sequence[float] | None
+) -> PatchTraining:
+    """:meth:`PatchTraining.build` from the ``patch`` config, padding with the model-unit image of the data-unit
+    zero (:func:`data_zero`)."""
+    if "pad_value" in patch:
+        raise UserError(
+            "model.patch.pad_value is not a setting: the pad is the data-unit zero (air), mapped to model units by "
+            "model.data_range/model_range; remove it"
+        )
+    return PatchTraining.build(**dict(patch), pad_value=data_zero(data_range, model_range))
 
 
 def _psnr(x: Tensor, ref: Tensor, lo: float, hi: float) -> Tensor:
