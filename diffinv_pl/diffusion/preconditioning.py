@@ -37,6 +37,17 @@ def broadcast_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def edm_coefficients(x: Tensor, sigma: Tensor | float, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EDM's (c_skip, c_out, c_in, c_noise) for a batch x: the first three shaped (B, 1, ..., 1), c_noise (B,)."""
+    sigma = broadcast_sigma(sigma, x)
+    sd2 = sigma_data**2
+    c_skip = sd2 / (sigma**2 + sd2)
+    c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
+    c_in = 1.0 / (sigma**2 + sd2).sqrt()
+    c_noise = (sigma.log() / 4).reshape(-1).expand(x.shape[0])
+    return c_skip, c_out, c_in, c_noise
+
+
 class EDMPrecond(nn.Module):
     """EDM preconditioning (Karras et al. 2022): c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2),
     c_in = 1/sqrt(s^2+sd^2), c_noise = ln(s)/4, with s = sigma and sd = sigma_data.
@@ -50,12 +61,7 @@ class EDMPrecond(nn.Module):
         self.sigma_data = sigma_data
 
     def forward(self, x: Tensor, sigma: Tensor, **net_kwargs: Tensor) -> Tensor:
-        sigma = broadcast_sigma(sigma, x)
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = 1.0 / (sigma**2 + sd2).sqrt()
-        c_noise = (sigma.log() / 4).reshape(-1).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = edm_coefficients(x, sigma, self.sigma_data)
         return c_skip * x + c_out * self.net(c_in * x, c_noise, **net_kwargs)
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffinv_pl.diffusion.preconditioning import broadcast_sigma
+from diffinv_pl.diffusion.preconditioning import edm_coefficients
 from diffinv_pl.errors import UserError
 
 SKIP_SCALE = math.sqrt(0.5)
@@ -439,10 +439,5 @@ class SongUNetPrecond(nn.Module):
         self.sigma_data = float(sigma_data)
 
     def forward(self, x: Tensor, sigma: Tensor | float, pos: Tensor | None = None) -> Tensor:
-        sigma = broadcast_sigma(sigma, x)
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = 1.0 / (sigma**2 + sd2).sqrt()
-        c_noise = (sigma.log() / 4).reshape(-1).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = edm_coefficients(x, sigma, self.sigma_data)
         return c_skip * x + c_out * self.model(c_in * x, c_noise, pos=pos)
