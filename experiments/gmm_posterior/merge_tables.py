@@ -25,7 +25,7 @@ from diffinv_pl.tasks.gmm_benchmark import FLOOR_LABEL, markdown_table, summaris
 from diffinv_pl.utils.io import atomic_write_text, csv_text  # noqa: E402
 
 NUMERIC = {"dx": int, "dy": int, "problem": int, "sigma_y": float, "sw1": float, "mode_tv": float, "n_eff": float,
-           "sampler_time_s": float, "denoiser_calls": float, "cell_time_s": float}
+           "sampler_time_s": float, "denoiser_calls": int, "cell_time_s": float}
 
 
 def read_rows(run: Path) -> list[dict]:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", action="append", default=[], help="the command of each run (printed in table.md)")
     parser.add_argument("--num-directions", type=int, default=10_000)
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads the runs used (printed in table.md)")
+    parser.add_argument("--threads", default="1", help="torch threads the runs used, as text (printed in table.md)")
     args = parser.parse_args(argv)
     rows, cells = merge(args.runs)
     protocol = rows[0]["protocol"]
