@@ -221,13 +221,8 @@ def _add_scaled(x: Tensor, y: Tensor, a: float | Tensor) -> Tensor:
 def relative_step_scale(problem: InverseProblem, weight: Tensor, state_ndim: int) -> Callable[[float], Tensor]:
     """sigma_k -> 1 / L_k with L_k = 1 / sigma_k^2 + 2 weight ||A||^2, the largest precision of the inner target
     N(x0_hat, sigma_k^2 I) exp(-weight ||A x0 - y||^2) (``lr_relative``); shaped (batch, 1, ..., 1) against a
-    state of ``state_ndim`` dimensions. Needs a linear operator (UserError otherwise)."""
+    state of ``state_ndim`` dimensions. Needs a linear operator (:func:`check_daps_hyperparameters` refuses others)."""
     operator = problem.operator
-    if not isinstance(operator, LinearOperator):
-        raise UserError(
-            f"DAPS: lr_relative needs a linear operator (its step unit uses ||A||), got {type(operator).__name__}; "
-            "set lr_relative=false and give an absolute lr"
-        )
     squared_norm = operator.norm() ** 2
     batch = weight.reshape(weight.shape[: weight.ndim - len(operator.out_shape)])
     batch = batch.reshape(*batch.shape, *([1] * (state_ndim - batch.ndim)))
