@@ -29,6 +29,11 @@ TINY = {
     ],
     "train": ["trainer.max_epochs=1", "++trainer.limit_train_batches=2", "++trainer.limit_val_batches=1"],
 }
+# experiments whose own sizes are already small but whose solver is long: fewer images and steps
+TINY_BY_NAME = {
+    "ct_demo": ["data.num_images=2", "solver.num_levels=5", "solver.inner_steps=2",
+                "++trainer.enable_progress_bar=false"],
+}
 
 
 def _has_tiny_variant(name: str) -> bool:
@@ -40,7 +45,7 @@ def _tiny_overrides(name: str, kind: str) -> list[str]:
     paper-scale one is checked without running), otherwise by task type."""
     if name.endswith("_tiny") or _has_tiny_variant(name):
         return []
-    return TINY[kind]
+    return TINY_BY_NAME.get(name, TINY[kind])
 
 
 def _compose_experiment(name: str, tmp_path: Path, extra: tuple[str, ...] = ()):
@@ -88,9 +93,16 @@ def _needs_kernel_wizard(name: str) -> bool:
     return name.startswith("daps_nonlinear_deblur")
 
 
+# the fix each prior loader's missing-file error names, by prior target
+PRIOR_FIXES = {
+    "diffinv_pl.priors.checkpoints.trained_prior": ("prior.path=", "train.py"),
+    "diffinv_pl.priors.edm_pickle.converted_padis_prior": ("edm_pickle convert", "prior.path="),
+}
+
+
 def _check_refuses_without_checkpoint(name: str, tmp_path: Path) -> None:
-    """A paper-scale image experiment, with an empty data dir, stops with one UserFileError naming prior.path and how
-    to get the checkpoint, before anything is written to the output dir."""
+    """A paper-scale experiment, with an empty data dir, stops with one UserFileError naming its prior's path
+    (cfg.prior.path, under paths.data_dir) and how to get that file, before anything is written to the output dir."""
     from diffinv_pl.cli import run_evaluation
 
     data_dir, out = tmp_path / "data", tmp_path / "out"
@@ -101,27 +113,58 @@ def _check_refuses_without_checkpoint(name: str, tmp_path: Path) -> None:
         path = _tiny_kernel_wizard(tmp_path, network)
         extra += [f"operator.weights_path={path}", "operator.network=" + str(network).replace("'", "").replace(" ", "")]
     cfg = compose("evaluate", [f"experiment={name}", f"paths.output_dir={out}", *extra])
+    expected = str(cfg.prior.path)
+    assert expected.startswith(str(data_dir)), f"{name}: prior.path {expected} is not under paths.data_dir"
     with pytest.raises(Exception) as info:
         run_evaluation(cfg)
     err = find_user_error(info.value)
     assert isinstance(err, UserFileError), f"expected a UserFileError, got {info.value!r}"
-    expected = str(data_dir / "weights" / "ffhq256_prior.ckpt")
-    assert expected in str(err) and "prior.path=" in str(err) and "train.py" in str(err)
+    assert expected in str(err) and all(fix in str(err) for fix in PRIOR_FIXES[cfg.prior._target_]), str(err)
     assert not out.exists() or not any(out.iterdir()), f"{name} wrote {sorted(out.iterdir())} before refusing"
 
 
+def _needs_ct_demo_priors(name: str) -> bool:
+    """The CT demo and the PaDIS experiments' tiny variants run with the CT demo's priors
+    (conf/prior/ct_demo_{patch,whole}.yaml)."""
+    return name == "ct_demo" or (name.startswith("padis_") and name.endswith("_tiny") and name != "padis_ct_tiny")
+
+
+@pytest.fixture(scope="module")
+def ct_demo_data_dir(tmp_path_factory) -> Path:
+    """A paths.data_dir holding weights/ct_demo_{patch,whole}_prior.ckpt: the CT demo's two priors trained for 2
+    batches (about 2 s on one core; what the demo writes there after its full training)."""
+    import shutil
+
+    from diffinv_pl.training import run_training
+
+    root = tmp_path_factory.mktemp("ct_demo")
+    (root / "data" / "weights").mkdir(parents=True)
+    for kind in ("patch", "whole"):
+        out = root / f"train_{kind}"
+        run_training(compose("train", [
+            f"experiment=ct_demo_{kind}_prior", f"paths.output_dir={out}", "trainer.max_epochs=1",
+            "++trainer.limit_train_batches=2", "++trainer.limit_val_batches=0", "++trainer.enable_progress_bar=false",
+            "++trainer.enable_model_summary=false",
+        ]))
+        shutil.copy(out / "checkpoints" / "last.ckpt", root / "data" / "weights" / f"ct_demo_{kind}_prior.ckpt")
+    return root / "data"
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path):
+def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path, request):
     text = (CONF / "experiment" / f"{name}.yaml").read_text()
     assert text.startswith("# @package _global_"), f"{name}.yaml must start with '# @package _global_'"
     extra: tuple[str, ...] = ()
     if name.endswith("_tiny") and _needs_kernel_wizard(name):
         network = compose("evaluate", [f"experiment={name}", f"paths.output_dir={tmp_path}"]).operator.network
         extra = (f"operator.weights_path={_tiny_kernel_wizard(tmp_path, dict(network))}",)
+    if _needs_ct_demo_priors(name):
+        extra = (f"paths.data_dir={request.getfixturevalue('ct_demo_data_dir')}",)
     entry, cfg = _compose_experiment(name, tmp_path / "out", extra)
     if entry == "evaluate" and _has_tiny_variant(name):
         # paper-scale image experiment: its tiny CPU variant <name>_tiny runs as its own case; this one must refuse
-        # cleanly without its checkpoint (its paper numbers: test_paper_image_experiments_hold_the_paper_numbers)
+        # cleanly without its checkpoint (its paper numbers: test_paper_image_experiments_hold_the_paper_numbers,
+        # tests/test_padis_experiments.py)
         _check_refuses_without_checkpoint(name, tmp_path)
     elif entry == "evaluate":
         from diffinv_pl.cli import run_evaluation
@@ -136,6 +179,11 @@ def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path):
         else:
             assert table[0]["num_samples"] == 2 and math.isfinite(table[0]["psnr"]) and table[0]["psnr"] > 0
             assert (tmp_path / "out" / "results.md").exists()
+            if cfg.solver._target_ == "diffinv_pl.solvers.padis_dps":
+                # num_levels x inner_steps denoiser calls per batch, the batch's calls divided among its samples
+                batches = math.ceil(cfg.data.num_images / cfg.datamodule.batch_size)
+                calls = cfg.solver.num_levels * cfg.solver.inner_steps * batches / cfg.data.num_images
+                assert table[0]["denoiser_calls"] == calls and calls > 0
     elif _has_tiny_variant(name):
         # paper-scale training config (GPU trainer): its tiny CPU variant <name>_tiny runs as its own case; here the
         # paper-scale model and data module are built and checked without training

@@ -80,7 +80,7 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir():
             raise UserFileError(
                 f"image folder {str(self.root)!r} does not exist or is not a directory; point the path at a folder "
-                "of images"
+                "of images (data.root=DIR for evaluation, data.train.root=DIR for training)"
             )
 
         rel = self._listed(Path(manifest)) if manifest is not None else self._scan()

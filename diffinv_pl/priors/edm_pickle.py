@@ -443,7 +443,8 @@ def load_converted_padis(
         if not needed.is_file():
             raise UserFileError(
                 f"no {needed.name} in {str(out_dir)!r}: convert the official snapshot first with `python -m "
-                "diffinv_pl.priors.edm_pickle convert network-snapshot-XXXXXX.pkl OUT_DIR --image-size 256` and pass OUT_DIR"
+                "diffinv_pl.priors.edm_pickle convert network-snapshot-XXXXXX.pkl OUT_DIR --image-size 256` "
+                "and give prior.path=OUT_DIR"
             )
     try:
         info = json.loads(info_path.read_text())
