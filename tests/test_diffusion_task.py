@@ -255,9 +255,9 @@ def test_tiny_padis_ct_lowers_loss_and_denoises_held_out_phantoms(trained_padis,
 
     assert psnr(denoised) > psnr(noisy) + 1.5
 
-    with pytest.raises(ValueError, match=r"pad_width: 8 != 24"):
+    with pytest.raises(UserError, match=r"pad_width: 8 != 24.*expected_convention"):
         load_diffusion_prior(ckpt, expected_convention=PositionalConvention(32, 24))
-    with pytest.raises(ValueError, match="denoises 1 channel.*but 3 are expected"):
+    with pytest.raises(UserError, match="denoises 1 channel.*but 3 are expected"):
         load_diffusion_prior(ckpt, expected_channels=3)
     # resuming with another positional convention is refused before any training step
     bad = compose("train", ["experiment=padis_ct_tiny", "model.patch.pad_width=4", f"paths.output_dir={tmp_path}",

@@ -325,3 +325,19 @@ def test_cli_bad_value_fails_with_a_clear_message(tmp_path):
     out = _run([str(REPO / "evaluate.py"), "experiment=gmm_dps", "task.dims=[7]", f"paths.output_dir={tmp_path}"], tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert [line for line in out.stderr.splitlines() if line.startswith("error:") and "dx must be even" in line]
+
+
+def test_a_whole_image_checkpoint_for_a_patch_prior_config_is_one_clear_error(ct_demo_data_dir, tmp_path):
+    """prior=ct_demo_patch expects the patch convention (64 px, pad 16): the demo's whole-image checkpoint is refused
+    with a UserError naming both fixes, before anything is written."""
+    from diffinv_pl.cli import run_evaluation
+
+    whole = ct_demo_data_dir / "weights" / "ct_demo_whole_prior.ckpt"
+    cfg = compose("evaluate", ["experiment=ct_demo", f"paths.output_dir={tmp_path / 'out'}", f"prior.path={whole}",
+                               *TINY_BY_NAME["ct_demo"]])
+    with pytest.raises(Exception) as info:
+        run_evaluation(cfg)
+    err = find_user_error(info.value)
+    assert err is not None and "whole-image model" in str(err) and str(whole) in str(err)
+    assert "expected_convention" in str(err) and "pad_width" in str(err)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

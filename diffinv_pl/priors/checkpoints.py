@@ -25,7 +25,7 @@ from torch import nn
 
 from diffinv_pl.diffusion.losses import EDMObjective, Objective, VEObjective, VPObjective, build_objective
 from diffinv_pl.diffusion.schedules import vp_continuous_sigma
-from diffinv_pl.errors import UserFileError
+from diffinv_pl.errors import UserError, UserFileError
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.priors.network import NetworkPrior, RangeAdaptedPrior
 from diffinv_pl.priors.patch_denoiser import PatchAssembledPrior
@@ -298,13 +298,17 @@ def load_diffusion_prior(
         )
     channels, convention = desc.image_channels, desc.positional_convention
     if expected_channels is not None and channels is not None and channels != expected_channels:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {str(path)!r} denoises {channels} channel(s) but {expected_channels} are expected: use a "
             "prior trained on data with the same channel count (mode L = 1, RGB = 3)"
         )
     if expected_convention is not None:
         if convention is None:
-            raise ValueError(f"checkpoint {str(path)!r} is a whole-image model but a patch convention was expected")
+            raise UserError(
+                f"checkpoint {str(path)!r} is a whole-image model but the prior config expects a patch prior "
+                f"({expected_convention}): give a patch-prior checkpoint, or use a whole-image prior config "
+                "(e.g. prior=trained, or prior.expected_convention=null)"
+            )
         convention.assert_compatible(expected_convention)
     if use_ema and not desc.ema:
         raise ValueError(f"checkpoint {str(path)!r} has no EMA weights: load it with use_ema=False")

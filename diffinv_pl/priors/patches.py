@@ -114,7 +114,7 @@ class PositionalConvention:
         return cls(**{k: (int(v) if k in ("image_size", "pad_width") else v) for k, v in d.items()})
 
     def assert_compatible(self, other: PositionalConvention | Mapping) -> None:
-        """Raise ValueError naming every field where ``other`` differs (e.g. training pad 64 vs sampling pad 24)."""
+        """Raise a UserError naming every field where ``other`` differs (e.g. training pad 64 vs sampling pad 24)."""
         if isinstance(other, Mapping):
             other = PositionalConvention.from_dict(other)
         diffs = [
@@ -123,8 +123,10 @@ class PositionalConvention:
             if getattr(self, f.name) != getattr(other, f.name)
         ]
         if diffs:
-            raise ValueError(
+            raise UserError(
                 "positional conventions differ (the network would see shifted coordinates): " + "; ".join(diffs)
+                + " (stored, expected): use a prior trained with the expected image size and pad, or change "
+                "prior.expected_convention"
             )
 
     def coordinate(self, index: Tensor) -> Tensor:

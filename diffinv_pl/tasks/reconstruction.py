@@ -217,7 +217,10 @@ class ReconstructionTask(L.LightningModule):
         if not self.solver_progress or self.global_rank != 0:
             yield None
             return
-        with tqdm(desc=f"solver {keys[0]}{'...' if len(keys) > 1 else ''} run {run}", unit="step", leave=False) as bar:
+        # one callback per level for solvers configured by num_levels (PaDIS, DAPS): the bar shows its total
+        total = getattr(self.solver, "keywords", {}).get("num_levels")
+        with tqdm(desc=f"solver {keys[0]}{'...' if len(keys) > 1 else ''} run {run}", unit="step", total=total,
+                  leave=False) as bar:
             yield lambda info: bar.update(1)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
