@@ -70,6 +70,9 @@ def test_ct_demo_runs_end_to_end_and_reuses_finished_steps(tmp_path):
 
 def test_ct_demo_refuses_bad_arguments_and_an_unfinished_training_run(tmp_path, capsys):
     demo = _load_demo()
+    assert demo._days_hours_minutes_seconds(5) == "00:00:05:00"
+    assert demo._days_hours_minutes_seconds(0.05) == "00:00:00:03"
+    assert demo._days_hours_minutes_seconds(90.5) == "00:01:30:30"
     with pytest.raises(SystemExit) as err:
         demo.main(["--tune-seed", "0", "--out", str(tmp_path / "a")])
     assert err.value.code == 2 and "test set" in capsys.readouterr().err
@@ -80,5 +83,5 @@ def test_ct_demo_refuses_bad_arguments_and_an_unfinished_training_run(tmp_path, 
     (unfinished / "something").write_text("x")
     assert demo.main(["--out", str(tmp_path / "c")]) == 2
     message = capsys.readouterr().err
-    assert "unfinished training run" in message and "ckpt_path=" in message
+    assert "unfinished training run" in message and "move that folder away" in message
     assert (unfinished / "something").read_text() == "x"

@@ -64,7 +64,7 @@ def _python() -> str:
     return sys.executable
 
 
-def _run(cmd: list[str], what: str, log: Path | None = None) -> tuple[float, float]:
+def _run(cmd: list[str], what: str) -> tuple[float, float]:
     """Run ``cmd`` in the repository root, its output shown live (progress bars); (seconds, peak RSS in MB)."""
     print(f"\n[ct_demo] {what}\n[ct_demo] $ {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
@@ -75,6 +75,12 @@ def _run(cmd: list[str], what: str, log: Path | None = None) -> tuple[float, flo
     if code != 0:
         raise DemoError(f"{what} failed (exit status {code}); rerun the command above to see the error")
     return seconds, usage.ru_maxrss / 1024.0
+
+
+def _days_hours_minutes_seconds(minutes: float) -> str:
+    """Lightning's ``max_time`` string DD:HH:MM:SS for a duration in minutes (rounded to the second)."""
+    seconds = round(60 * minutes)
+    return f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def train_prior(kind: str, args: argparse.Namespace) -> TrainedPrior:
@@ -89,20 +95,19 @@ def train_prior(kind: str, args: argparse.Namespace) -> TrainedPrior:
         return TrainedPrior(kind=kind, checkpoint=Path(info["checkpoint"]), seconds=info["seconds"],
                             steps=info["steps"], images=info["images"], peak_rss_mb=info["peak_rss_mb"])
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise DemoError(f"{run_dir} holds an unfinished training run (no demo_training.json): resume it with "
-                        f"train.py ckpt_path={run_dir}/checkpoints/last.ckpt, or move it away and rerun the demo")
+        raise DemoError(f"{run_dir} holds an unfinished training run (no demo_training.json: the demo stopped while "
+                        "training): move that folder away and rerun the demo, or give another --out")
     minutes = args.train_minutes
     train_data, _ = PHANTOMS[args.phantoms]
     cmd = [_python(), "train.py", f"experiment=ct_demo_{kind}_prior", f"data={train_data}",
            "data.train.size=64", "data.val.size=64", f"data.batch_size={args.train_batch_size}",
            f"paths.output_dir={run_dir}",
-           f"trainer.max_time=00:00:{int(minutes):02d}:{round(60 * (minutes % 1)):02d}"]
+           f"trainer.max_time={_days_hours_minutes_seconds(minutes)}"]
     seconds, peak = _run(cmd, f"training the {kind} prior on {args.phantoms} phantoms for {minutes:g} min")
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint.exists():
         raise DemoError(f"training wrote no {checkpoint}; see the training output above")
-    # the file the training process above has just written (a Lightning checkpoint: not only tensors)
-    steps = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
+    steps = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])
     batch = args.train_batch_size
     info = {"checkpoint": str(checkpoint), "seconds": seconds, "steps": steps, "images": steps * batch,
             "peak_rss_mb": peak, "command": shlex.join(cmd)}
