@@ -201,14 +201,14 @@ def test_patch_training_table_counted_images_and_pad_value():
 def test_convention_mismatch_names_pad_width():
     train = PositionalConvention(image_size=256, pad_width=64)
     infer = PositionalConvention(image_size=256, pad_width=24)
-    with pytest.raises(ValueError, match="pad_width") as e:
-        train.assert_compatible(infer)
+    with pytest.raises(UserError, match="pad_width: 64 != 24: do this") as e:
+        train.assert_compatible(infer, "do this")
     assert "image_size" not in str(e.value)
-    with pytest.raises(ValueError) as e:
-        train.assert_compatible(PositionalConvention(128, 24, "image"))
+    with pytest.raises(UserError) as e:
+        train.assert_compatible(PositionalConvention(128, 24, "image"), "fix")
     assert all(name in str(e.value) for name in ("image_size", "pad_width", "normalization"))
-    train.assert_compatible(PositionalConvention(256, 64))
-    train.assert_compatible(train.to_dict())
+    train.assert_compatible(PositionalConvention(256, 64), "fix")
+    train.assert_compatible(train.to_dict(), "fix")
 
 
 def test_round_trip_dict():

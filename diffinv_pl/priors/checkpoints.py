@@ -309,7 +309,11 @@ def load_diffusion_prior(
                 f"({expected_convention}): give a patch-prior checkpoint, or use a whole-image prior config "
                 "(e.g. prior=trained, or prior.expected_convention=null)"
             )
-        convention.assert_compatible(expected_convention)
+        convention.assert_compatible(
+            expected_convention,
+            "(the checkpoint's, the expected) use a prior trained with the expected image size and pad, or change "
+            "prior.expected_convention",
+        )
     if use_ema and not desc.ema:
         raise ValueError(f"checkpoint {str(path)!r} has no EMA weights: load it with use_ema=False")
     denoiser = desc.objective_instance().precondition(instantiate(desc.net))

@@ -461,9 +461,11 @@ def load_converted_padis(
         raise UserError(f"{where} denoises {desc.image_channels} channel(s) but {expected_channels} are expected")
     if expected_convention is not None:
         try:
-            desc.positional_convention.assert_compatible(expected_convention)
-        except ValueError as err:
-            raise UserError(f"{where}: {err}; use the convention it was trained with") from err
+            desc.positional_convention.assert_compatible(
+                expected_convention, "(the network's, the expected) use the convention it was trained with"
+            )
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from err
     kwargs = {k: v for k, v in desc.net.items() if k != "_target_"}
     model = SongUNetPrecond(song_unet_from_kwargs(**kwargs), float(info.get("sigma_data", 0.5)))
     try:

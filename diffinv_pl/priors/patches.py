@@ -113,8 +113,9 @@ class PositionalConvention:
             raise ValueError(f"PositionalConvention dict lacks field(s) {missing}")
         return cls(**{k: (int(v) if k in ("image_size", "pad_width") else v) for k, v in d.items()})
 
-    def assert_compatible(self, other: PositionalConvention | Mapping) -> None:
-        """Raise a UserError naming every field where ``other`` differs (e.g. training pad 64 vs sampling pad 24)."""
+    def assert_compatible(self, other: PositionalConvention | Mapping, fix: str) -> None:
+        """Raise a UserError naming every field where ``other`` differs (e.g. training pad 64 vs sampling pad 24) and
+        ``fix``, what the caller's user can do about it."""
         if isinstance(other, Mapping):
             other = PositionalConvention.from_dict(other)
         diffs = [
@@ -125,8 +126,7 @@ class PositionalConvention:
         if diffs:
             raise UserError(
                 "positional conventions differ (the network would see shifted coordinates): " + "; ".join(diffs)
-                + " (stored, expected): use a prior trained with the expected image size and pad, or change "
-                "prior.expected_convention"
+                + f": {fix}"
             )
 
     def coordinate(self, index: Tensor) -> Tensor:

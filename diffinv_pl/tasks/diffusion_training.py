@@ -546,7 +546,10 @@ class DiffusionTask(L.LightningModule):
                 "wrote it, or start a new run without ckpt_path"
             )
         if stored.positional_convention is not None:
-            self.convention.assert_compatible(stored.positional_convention)
+            self.convention.assert_compatible(
+                stored.positional_convention,
+                "(this run's, the checkpoint's) resume with the model.patch settings the checkpoint was trained with",
+            )
         if stored.image_channels != self.hparams.image_channels:
             raise UserError(
                 f"the checkpoint has image_channels={stored.image_channels} but this run has "
