@@ -35,8 +35,8 @@ def _load_demo():
 
 
 def test_ct_demo_runs_end_to_end_and_reuses_finished_steps(tmp_path):
-    out = tmp_path / "demo"
-    first = _demo([*TINY, "--out", str(out)])
+    out, weights = tmp_path / "demo", tmp_path / "weights"
+    first = _demo([*TINY, "--out", str(out), "--weights-dir", str(weights)])
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     table = (out / "table.md").read_text()
     assert table in first.stdout
@@ -56,11 +56,13 @@ def test_ct_demo_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     tune_data = json.loads((out / "tune_tv" / "lam_0.003" / "config.json").read_text())["data"]
     test_data = json.loads((out / "eval" / "tv" / "config.json").read_text())["data"]
     assert (tune_data["seed"], test_data["seed"]) == (1, 0) and tune_data["kind"] == test_data["kind"] == "textured"
+    assert (weights / "ct_demo_patch_prior.ckpt").read_bytes() == \
+        (out / "patch_prior" / "checkpoints" / "last.ckpt").read_bytes()
     info = json.loads((out / "patch_prior" / "demo_training.json").read_text())
     assert info["steps"] > 0 and info["images"] == 8 * info["steps"] and info["peak_rss_mb"] > 100
     # a second run trains nothing and recomputes nothing: the finished results are reused, not overwritten
     checkpoint_time = (out / "patch_prior" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    second = _demo([*TINY, "--out", str(out)])
+    second = _demo([*TINY, "--out", str(out), "--weights-dir", str(weights)])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing the finished patch prior" in second.stdout
     assert (out / "patch_prior" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == checkpoint_time
@@ -85,3 +87,15 @@ def test_ct_demo_refuses_bad_arguments_and_an_unfinished_training_run(tmp_path, 
     message = capsys.readouterr().err
     assert "unfinished training run" in message and "move that folder away" in message
     assert (unfinished / "something").read_text() == "x"
+
+
+def test_a_trained_prior_is_installed_for_the_tiny_variants_but_never_over_a_file(tmp_path):
+    demo = _load_demo()
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"new prior")
+    target = tmp_path / "weights" / "ct_demo_patch_prior.ckpt"
+    demo._install_prior(checkpoint, target)
+    assert target.read_bytes() == b"new prior" and not list(target.parent.glob("*.partial"))
+    checkpoint.write_bytes(b"newer prior")
+    demo._install_prior(checkpoint, target)
+    assert target.read_bytes() == b"new prior"

@@ -18,7 +18,8 @@ repeated by hand with the command the demo prints:
 
 Outputs go to ``--out`` (default ``experiments/ct_demo/runs/<phantoms>``): ``patch_prior/`` (the training run and its
 checkpoints), ``eval/<solver>/`` (reconstructions as ``samples/<key>/run0.pt`` with ``results.json``) and
-``table.md``. A finished step is not redone when the demo runs again (a finished training run is reused, evaluations
+``table.md``; a newly trained prior is also copied to ``--weights-dir`` (``data/weights``) unless a file is there.
+A finished step is not redone when the demo runs again (a finished training run is reused, evaluations
 resume), and nothing finished is overwritten: to start over, give a new ``--out``.
 """
 
@@ -29,6 +30,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -83,6 +85,19 @@ def _days_hours_minutes_seconds(minutes: float) -> str:
     return f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _install_prior(checkpoint: Path, target: Path) -> None:
+    """Copy a freshly trained prior to where ``prior=ct_demo_patch|ct_demo_whole`` (the PaDIS experiments' tiny
+    variants) look for it, unless a file is already there (never overwritten)."""
+    if target.exists():
+        print(f"[ct_demo] {target} exists and is left as it is (this run's prior: {checkpoint})")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    shutil.copyfile(checkpoint, partial)
+    partial.replace(target)
+    print(f"[ct_demo] copied the prior to {target} (used by the PaDIS experiments' tiny variants)")
+
+
 def train_prior(kind: str, args: argparse.Namespace) -> TrainedPrior:
     """Train the demo's ``kind`` prior for ``args.train_minutes`` minutes, or reuse a finished run in ``args.out``."""
     import torch
@@ -112,6 +127,7 @@ def train_prior(kind: str, args: argparse.Namespace) -> TrainedPrior:
     info = {"checkpoint": str(checkpoint), "seconds": seconds, "steps": steps, "images": steps * batch,
             "peak_rss_mb": peak, "command": shlex.join(cmd)}
     done.write_text(json.dumps(info, indent=1))
+    _install_prior(checkpoint, args.weights_dir / f"ct_demo_{kind}_prior.ckpt")
     return TrainedPrior(kind=kind, checkpoint=checkpoint, seconds=seconds, steps=steps, images=steps * batch,
                         peak_rss_mb=peak)
 
@@ -156,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-seed", type=int, default=1)
     parser.add_argument("--tv-lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
     parser.add_argument("--tv-iterations", type=int, default=1000)
+    parser.add_argument("--weights-dir", type=Path, default=REPO / "data" / "weights",
+                        help="where a newly trained prior is also copied if no file is there (prior=ct_demo_patch)")
     parser.add_argument("--compare-whole", action="store_true",
                         help="also train the whole-image prior for the same time and evaluate it with PaDIS-DPS")
     parser.add_argument("--padis", nargs="*", default=[],
