@@ -11,13 +11,14 @@ repeated by hand with the command the demo prints:
 1. ``train.py experiment=ct_demo_patch_prior`` for ``--train-minutes`` of wall time (``trainer.max_time``) on the
    training seeds of the phantom family (``--compare-whole``: ``experiment=ct_demo_whole_prior`` for the same time);
 2. TV's lambda is chosen on ``--tune-images`` tuning phantoms (seed ``--tune-seed``, not the test set) from
-   ``--tv-lambdas``; PaDIS-DPS runs with ``conf/solver/padis_dps.yaml`` as overridden in ``conf/experiment/ct_demo.yaml``
-   (its constants were tuned on the same tuning phantoms, experiments/ct_demo/README.md);
+   ``--tv-lambdas``; PaDIS-DPS runs with ``conf/solver/padis_dps_ct64.yaml`` (PaDIS's constants with sigma_max and
+   zeta tuned on the same tuning phantoms: experiments/ct_demo/tuning.md);
 3. ``evaluate.py experiment=ct_demo`` on ``--num-images`` held-out phantoms (seed 0) with FBP (``solver=pinv``), TV
    and PaDIS-DPS.
 
 Outputs go to ``--out`` (default ``experiments/ct_demo/runs/<phantoms>``): ``patch_prior/`` (the training run and its
-checkpoints), ``eval/<solver>/`` (reconstructions as ``samples/<key>/run0.pt`` with ``results.json``) and
+checkpoints), ``eval/<solver>/`` (per image ``samples/<key>/recon.png`` and ``recon.npy`` beside the target and the measurement,
+``results.json``) and
 ``table.md``; a newly trained prior is also copied to ``--weights-dir`` (``data/weights``) unless a file is there.
 A finished step is not redone when the demo runs again (a finished training run is reused, evaluations
 resume), and nothing finished is overwritten: to start over, give a new ``--out``.
