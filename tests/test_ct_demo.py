@@ -47,6 +47,8 @@ def test_ct_demo_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     assert fbp["num_samples"] == padis["num_samples"] == 2 and 15.0 < fbp["psnr"] < 40.0
     assert padis["denoiser_calls"] == pytest.approx(3 * 1 / 2)  # 3 levels x 1 inner step, a batch of 2 images
     assert f"{fbp['psnr']:.2f}" in rows["FBP"] and f"{padis['psnr']:.2f}" in rows["PaDIS-DPS, patch prior"]
+    recons = sorted((out / "eval" / "padis_dps_patch" / "samples").glob("*/recon.npy"))  # where the table points
+    assert len(recons) == 2 and "eval/padis_dps_patch/samples" in rows["PaDIS-DPS, patch prior"]
     # TV's lambda is the one with the best tuning PSNR, and the tuning phantoms are not the test phantoms
     tuned = {lam: json.loads((out / "tune_tv" / f"lam_{lam}" / "results.json").read_text())["summary"]["psnr"]
              for lam in ("0.003", "0.03")}
