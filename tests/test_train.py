@@ -259,6 +259,10 @@ def test_train_cli_reports_user_errors_in_one_line_without_training(tmp_path):
             ["experiment=padis_ct_tiny", "model.net.image_channels=3", "data.train.num_images=16", "data.val.num_images=8"],
             ["1 channel(s) but the model expects 3", "model.net.image_channels=1"],
         ),
+        "val_size": (
+            ["experiment=padis_ct_tiny", "data.train.size=64", "data.train.num_images=16", "data.val.num_images=8"],
+            ["have shape (1, 32, 32) but training images", "(1, 64, 64)", "data.val.size="],
+        ),
     }
     procs = {}
     for name, (overrides, _) in cases.items():  # concurrently: each run is mostly start-up

@@ -299,9 +299,10 @@ class _TrainingDataModule(L.LightningDataModule):
         if self.val is not None:
             val_shape = _dataset_shape(self.val, check_sizes=check_sizes)
             if val_shape != self.image_shape:
-                raise ValueError(
+                raise UserError(
                     f"validation images ({describe(self.val)}) have shape {val_shape} but training images "
-                    f"({train_source}) have {self.image_shape}; give both the same image_size and mode"
+                    f"({train_source}) have {self.image_shape}; give both the same size and mode (e.g. "
+                    "data.val.size= beside data.train.size=, or data.val.image_size= / data.val.mode=)"
                 )
         if self.expected_channels is not None:
             check_channels(self.channels, self.expected_channels, train_source)
