@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
         *[_row(name, summary, out) for name, summary, out in rows],
         "",
-        "s / image: the solver's wall time for a batch of all the images, divided by their number. PaDIS-DPS: "
-        "conf/solver/padis_dps_ct64.yaml (100 levels x 10 inner steps, 1000 network calls with a backward pass per "
-        "image).",
+        "s / image: the solver's wall time over its batches (8 images each), divided by the number of images. "
+        "PaDIS-DPS: conf/solver/padis_dps_ct64.yaml (100 levels x 10 inner steps, 1000 network calls with a backward "
+        "pass per image)" + (f", with {' '.join(args.padis)}." if args.padis else "."),
         "",
         f"TV lambda chosen on {args.tune_images} tuning phantoms (seed {args.tune_seed}), {args.tv_iterations} "
         "iterations: " + ", ".join(f"{lam:g}: {psnr:.2f} dB" for lam, psnr in scores) + ".",
