@@ -63,10 +63,6 @@ class TrainedPrior:
     peak_rss_mb: float     # peak resident memory of the training process
 
 
-def _python() -> str:
-    return sys.executable
-
-
 def _run(cmd: list[str], what: str) -> tuple[float, float]:
     """Run ``cmd`` in the repository root, its output shown live (progress bars); (seconds, peak RSS in MB)."""
     print(f"\n[ct_demo] {what}\n[ct_demo] $ {shlex.join(cmd)}", flush=True)
@@ -78,6 +74,12 @@ def _run(cmd: list[str], what: str) -> tuple[float, float]:
     if code != 0:
         raise DemoError(f"{what} failed (exit status {code}); rerun the command above to see the error")
     return seconds, usage.ru_maxrss / 1024.0
+
+
+def _trained_prior(kind: str, info: dict) -> TrainedPrior:
+    """The :class:`TrainedPrior` recorded in a run's ``demo_training.json``."""
+    return TrainedPrior(kind=kind, checkpoint=Path(info["checkpoint"]), seconds=info["seconds"], steps=info["steps"],
+                        images=info["images"], peak_rss_mb=info["peak_rss_mb"])
 
 
 def _days_hours_minutes_seconds(minutes: float) -> str:
@@ -108,14 +110,13 @@ def train_prior(kind: str, args: argparse.Namespace) -> TrainedPrior:
     if done.exists():
         info = json.loads(done.read_text())
         print(f"[ct_demo] reusing the finished {kind} prior in {run_dir} ({info['seconds']:.0f} s of training)")
-        return TrainedPrior(kind=kind, checkpoint=Path(info["checkpoint"]), seconds=info["seconds"],
-                            steps=info["steps"], images=info["images"], peak_rss_mb=info["peak_rss_mb"])
+        return _trained_prior(kind, info)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise DemoError(f"{run_dir} holds an unfinished training run (no demo_training.json: the demo stopped while "
                         "training): move that folder away and rerun the demo, or give another --out")
     minutes = args.train_minutes
     train_data, _ = PHANTOMS[args.phantoms]
-    cmd = [_python(), "train.py", f"experiment=ct_demo_{kind}_prior", f"data={train_data}",
+    cmd = [sys.executable, "train.py", f"experiment=ct_demo_{kind}_prior", f"data={train_data}",
            "data.train.size=64", "data.val.size=64", f"data.batch_size={args.train_batch_size}",
            f"paths.output_dir={run_dir}",
            f"trainer.max_time={_days_hours_minutes_seconds(minutes)}"]
@@ -124,20 +125,18 @@ def train_prior(kind: str, args: argparse.Namespace) -> TrainedPrior:
     if not checkpoint.exists():
         raise DemoError(f"training wrote no {checkpoint}; see the training output above")
     steps = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])
-    batch = args.train_batch_size
-    info = {"checkpoint": str(checkpoint), "seconds": seconds, "steps": steps, "images": steps * batch,
+    info = {"checkpoint": str(checkpoint), "seconds": seconds, "steps": steps, "images": steps * args.train_batch_size,
             "peak_rss_mb": peak, "command": shlex.join(cmd)}
     done.write_text(json.dumps(info, indent=1))
     _install_prior(checkpoint, args.weights_dir / f"ct_demo_{kind}_prior.ckpt")
-    return TrainedPrior(kind=kind, checkpoint=checkpoint, seconds=seconds, steps=steps, images=steps * batch,
-                        peak_rss_mb=peak)
+    return _trained_prior(kind, info)
 
 
 def evaluate(name: str, overrides: list[str], args: argparse.Namespace, *, seed: int, num_images: int,
              out: Path) -> dict:
     """``evaluate.py experiment=ct_demo`` with ``overrides`` on ``num_images`` phantoms of ``seed``; its summary."""
     _, eval_data = PHANTOMS[args.phantoms]
-    cmd = [_python(), "evaluate.py", "experiment=ct_demo", f"data={eval_data}", "data.size=64",
+    cmd = [sys.executable, "evaluate.py", "experiment=ct_demo", f"data={eval_data}", "data.size=64",
            f"data.num_images={num_images}", f"seed={seed}", f"paths.output_dir={out}", *overrides]
     _run(cmd, f"{name} on {num_images} phantoms (seed {seed})")
     return json.loads((out / "results.json").read_text())["summary"]
