@@ -84,7 +84,12 @@ def check_resume_checkpoint(ckpt_path: Any) -> None:
 
 
 def run_training(cfg: DictConfig) -> dict[str, float]:
-    """Fit ``cfg.model`` on ``cfg.data``; returns the trainer's final callback metrics as floats."""
+    """Fit ``cfg.model`` on ``cfg.data``; returns the trainer's final callback metrics as floats. A config with
+    ``stages`` (experiment=ldm_custom) runs its stages instead (:mod:`diffinv_pl.latent_pipeline`)."""
+    if cfg.get("stages") is not None:
+        from diffinv_pl.latent_pipeline import run_stages
+
+        return run_stages(cfg, run_training)
     missing = [key for key in ("data", "model") if key not in cfg or cfg[key] is None]
     if missing:
         raise UserError(

@@ -14,8 +14,10 @@ name      sigma distribution                                     lambda(sigma)  
 ``edm``   ln sigma ~ N(p_mean, p_std^2)                          (s^2 + sd^2) / (s sd)^2     :class:`EDMPrecond`
 ``vp``    sigma = sigma_VP(t), t ~ U(epsilon_t, 1)               1 / s^2                     :class:`VPEpsPrecond`
 ``ve``    ln sigma ~ U(ln sigma_min, ln sigma_max)               1 / s^2                     :class:`VEPrecond`
+``ldm``   sigma = sigma_t of a discrete schedule, t ~ U{0..T-1}   1 / s^2                     DiscreteVPEpsPrecond
 ========  =====================================================  ==========================  ===================
 
+(``ldm`` is latent diffusion's DDPM eps loss: with D = x - sigma eps, lambda ||D - x0||^2 = ||eps - n||^2.)
 with sigma_VP(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (continuous VP schedule), s = sigma, sd = sigma_data.
 All noise levels are in the units of the training data (the model range, e.g. [-1, 1]). Random draws use the
 ``torch.Generator`` passed in, never the global RNG.
@@ -29,7 +31,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from diffinv_pl.diffusion.preconditioning import EDMPrecond, VEPrecond, VPEpsPrecond
+from diffinv_pl.diffusion.preconditioning import (
+    DiscreteVPEpsPrecond,
+    EDMPrecond,
+    VEPrecond,
+    VPEpsPrecond,
+    discrete_vp_sigmas,
+)
 from diffinv_pl.diffusion.schedules import vp_continuous_sigma
 
 
@@ -106,12 +114,47 @@ class VEObjective:
         return 1.0 / sigma**2
 
 
-Objective = EDMObjective | VPObjective | VEObjective
-OBJECTIVES: dict[str, type] = {"edm": EDMObjective, "vp": VPObjective, "ve": VEObjective}
+@dataclass(frozen=True)
+class LDMObjective:
+    """Latent diffusion's DDPM eps loss: t ~ U{0, ..., T-1}, sigma = sigma_t of the discrete schedule
+    (:func:`~diffinv_pl.diffusion.preconditioning.discrete_vp_sigmas`; LDM: ``sqrt_linear`` 0.0015 -> 0.0195, 1000
+    steps), lambda = 1 / sigma^2, so the x0 loss is the eps MSE; network behind :class:`DiscreteVPEpsPrecond`."""
+
+    beta_schedule: str = "sqrt_linear"
+    num_train_steps: int = 1000
+    linear_start: float = 0.0015
+    linear_end: float = 0.0195
+
+    def __post_init__(self):
+        if not (self.num_train_steps >= 2 and 0 < self.linear_start < self.linear_end < 1):
+            raise ValueError(
+                "LDM objective needs num_train_steps >= 2 and 0 < linear_start < linear_end < 1, got "
+                f"{self.num_train_steps}, {self.linear_start}, {self.linear_end}"
+            )
+        self.sigmas()  # unknown schedule: ValueError
+
+    def sigmas(self) -> Tensor:
+        """sigma_t, t = 0..T-1 (float64, increasing)."""
+        return discrete_vp_sigmas(self.beta_schedule, self.num_train_steps, self.linear_start, self.linear_end)
+
+    def precondition(self, net: nn.Module) -> nn.Module:
+        return DiscreteVPEpsPrecond(net, self.beta_schedule, self.num_train_steps, self.linear_start, self.linear_end)
+
+    def sample_sigma(self, n: int, generator: torch.Generator) -> Tensor:
+        t = torch.randint(0, self.num_train_steps, (n,), generator=generator, device=generator.device)
+        return self.sigmas().to(generator.device)[t]
+
+    def weight(self, sigma: Tensor) -> Tensor:
+        return 1.0 / sigma**2
+
+
+Objective = EDMObjective | VPObjective | VEObjective | LDMObjective
+OBJECTIVES: dict[str, type] = {"edm": EDMObjective, "vp": VPObjective, "ve": VEObjective, "ldm": LDMObjective}
 
 
 def build_objective(name: str, **params) -> Objective:
-    """The objective called ``name`` (edm | vp | ve) with its parameters; unknown names or parameters are refused."""
+    """The objective called ``name`` (edm | vp | ve | ldm) with its parameters; unknown names or parameters are
+    refused."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown diffusion objective {name!r}; valid: {', '.join(OBJECTIVES)}")
     cls = OBJECTIVES[name]

@@ -23,7 +23,14 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from diffinv_pl.diffusion.losses import EDMObjective, Objective, VEObjective, VPObjective, build_objective
+from diffinv_pl.diffusion.losses import (
+    EDMObjective,
+    LDMObjective,
+    Objective,
+    VEObjective,
+    VPObjective,
+    build_objective,
+)
 from diffinv_pl.diffusion.schedules import vp_continuous_sigma
 from diffinv_pl.errors import UserError, UserFileError
 from diffinv_pl.priors.base import Prior
@@ -53,6 +60,7 @@ def objective_sigma_range(objective: Objective) -> tuple[float, float]:
       the VP sampler never goes below 1e-3.
     * ``ve``: (sigma_min, sigma_max) of the objective (default (0.02, 100)): the training range, which is also EDM's
       VE sampling range.
+    * ``ldm``: (sigma_0, sigma_{T-1}) of the discrete schedule (about (0.0388, 83.8) for LDM's).
     """
     if isinstance(objective, EDMObjective):
         return EDM_SIGMA_RANGE
@@ -62,6 +70,9 @@ def objective_sigma_range(objective: Objective) -> tuple[float, float]:
         return (float(lo), float(hi))
     if isinstance(objective, VEObjective):
         return (float(objective.sigma_min), float(objective.sigma_max))
+    if isinstance(objective, LDMObjective):
+        sigmas = objective.sigmas()
+        return (float(sigmas[0]), float(sigmas[-1]))
     raise TypeError(f"no sigma range for objective {type(objective).__name__}")
 
 
@@ -105,6 +116,10 @@ class PriorCheckpointDescription:
         ema: whether the weights meant for inference are an EMA (``ema.module.*``) rather than the raw weights.
         sigma_range: (sigma_min, sigma_max) in model units the denoiser is meant for, derived from the objective by
             :func:`objective_sigma_range`.
+        latent: None for pixel models; for latent diffusion models (the network denoises the scaled latent
+            z = latent_scale * E(x) of a frozen autoencoder, :mod:`diffinv_pl.priors.latent`) a plain dict with
+            ``autoencoder`` (its path, str), ``autoencoder_description`` (its ``describe()`` dict) and
+            ``latent_scale`` (float > 0). Optional when reading (older descriptions have none).
         format: :data:`CHECKPOINT_FORMAT`; any other value is refused.
     """
 
@@ -118,6 +133,7 @@ class PriorCheckpointDescription:
     inference_patch_size: int | None
     ema: bool
     sigma_range: tuple[float, float]
+    latent: dict | None = None
     format: str = CHECKPOINT_FORMAT
 
     def __post_init__(self):
@@ -146,6 +162,8 @@ class PriorCheckpointDescription:
         sigma = _pair(self.sigma_range, "sigma_range")
         if sigma is None or sigma[0] < 0:
             raise ValueError(f"sigma_range must be a (lo, hi) pair with 0 <= lo < hi, got {self.sigma_range!r}")
+        if self.latent is not None:
+            _check_latent(self.latent)
         data, model = _pair(self.data_range, "data_range"), _pair(self.model_range, "model_range")
         if data is not None and model is None:
             raise ValueError("data_range needs a model_range")
@@ -158,6 +176,7 @@ class PriorCheckpointDescription:
             ("positional_convention", conv),
             ("inference_patch_size", size),
             ("sigma_range", sigma),
+            ("latent", copy.deepcopy(dict(self.latent)) if self.latent is not None else None),
         ]:
             object.__setattr__(self, name, value)
 
@@ -198,13 +217,28 @@ class PriorCheckpointDescription:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"unknown prior checkpoint description field(s) {unknown}; valid: {names}")
-        missing = [n for n in names if n not in d]
+        missing = [n for n in names if n not in d and n not in OPTIONAL_FIELDS]
         if missing:
             raise ValueError(f"prior checkpoint description lacks field(s) {missing}")
         values = {**d, "format": CHECKPOINT_FORMAT}  # a whole-image format-2 description reads unchanged
         conv = values["positional_convention"]
         values["positional_convention"] = PositionalConvention.from_dict(conv) if conv is not None else None
         return cls(**values)
+
+
+OPTIONAL_FIELDS = ("latent",)
+LATENT_KEYS = ("autoencoder", "autoencoder_description", "latent_scale")
+
+
+def _check_latent(latent: Any) -> None:
+    """ValueError unless ``latent`` is a mapping with exactly :data:`LATENT_KEYS` and a finite scale > 0."""
+    if not isinstance(latent, Mapping) or sorted(latent) != sorted(LATENT_KEYS):
+        raise ValueError(f"latent must be a mapping with keys {list(LATENT_KEYS)}, got {latent!r}")
+    scale = latent["latent_scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"latent.latent_scale must be a finite number > 0, got {scale!r}")
+    if not isinstance(latent["autoencoder_description"], Mapping):
+        raise ValueError("latent.autoencoder_description must be the autoencoder's describe() mapping")
 
 
 def _format_message(found: Any) -> str:
@@ -350,6 +384,11 @@ def trained_prior(
     the padded canvas (PaDIS, default) or the image (False). This is what ``prior=trained prior.path=<ckpt>`` gives
     a solver."""
     prior = load_diffusion_prior(path, use_ema, expected_channels, expected_convention, map_location)
+    if prior.description.latent is not None:
+        raise UserError(
+            f"{str(path)!r} is a latent diffusion model: load it with prior=latent prior.path={path} (it needs its "
+            "autoencoder)"
+        )
     whole = prior.whole_image(patch_size, per_sample_calls, canvas_state)
     target = tuple(data_range) if data_range is not None else prior.data_range
     if prior.model_range is None or target is None or tuple(target) == tuple(prior.model_range):

@@ -42,6 +42,16 @@ dB on the data range, whole images, patch models through the assembled denoiser)
 ``prior`` (GMM) ``val/mse_vs_exact``; every ``sample_every_n_epochs`` a grid of EMA samples (EDM Heun sampler) saved
 as PNG under ``<log dir>/samples`` and sent to W&B when a W&B logger is attached.
 
+Latent mode (``autoencoder`` set; latent diffusion, methods.md §4.2): the network denoises z = s * E(x), the
+unscaled latent E(x) of a frozen autoencoder (:func:`~diffinv_pl.priors.autoencoders.load_autoencoder`, eval, no
+gradients, kept out of the task's ``state_dict``) scaled by ``latent_scale`` s. Batches of images are encoded on the
+fly, or a data module gives pre-encoded *unscaled* latents (batches ``{"latent": ...}``, e.g. from
+``data_prep/encode_latents.py`` shards). Images are given in ``data_range`` and mapped to the autoencoder's range
+(``model_range``, which defaults to it). ``latent_scale="auto"``: s = 1 / std of the latents of the first training
+batch of rank 0 (LDM's recipe), estimated at fit start, broadcast to every rank and kept in the checkpoint (buffer
+``latent_scale_value`` and the description's ``latent`` block, with the autoencoder's path and ``describe()``). The
+checkpoint loads back with :func:`diffinv_pl.priors.latent.latent_prior` (``prior=latent``).
+
 Epoch values after a mid-epoch resume (``checkpoint_every_n_steps``): the per-band sums and counts of the epoch in
 progress are stored in every checkpoint (``checkpoint["diffinv_pl_epoch_bands"]``) and restored on resume, so
 ``train/loss_sigma_<band>`` of the resumed epoch covers the whole epoch and equals the uninterrupted run's. Where they
@@ -70,7 +80,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from diffinv_pl.diffusion.losses import build_objective, denoising_loss
 from diffinv_pl.diffusion.schedules import edm_sigmas
 from diffinv_pl.diffusion.steps import heun_step
-from diffinv_pl.errors import UserError
+from diffinv_pl.errors import UserError, UserFileError
 from diffinv_pl.priors.analytic import GaussianMixture
 from diffinv_pl.priors.checkpoints import PriorCheckpointDescription, objective_sigma_range
 from diffinv_pl.priors.base import Prior
@@ -120,6 +130,9 @@ class DiffusionTask(L.LightningModule):
             Heun sampler of the grids (sigma_min 0.002, rho 7).
         inference_patch_size: P of the assembled whole-image denoiser of a patch model (None: the largest training
             patch size).
+        autoencoder: latent mode (module docstring): path of the frozen autoencoder (diffusers folder or
+            AutoencoderTask ``.ckpt``); None: pixel mode. ``model_range`` then defaults to its data range.
+        latent_scale: ``auto`` (1 / std of the first training batch's latents) or a number > 0 (latent mode only).
         seed: seed of every training and validation random draw.
 
     Epoch-level ``train/loss_sigma_<band>`` after a mid-epoch resume cover the whole epoch (the epoch's sums are
@@ -155,6 +168,8 @@ class DiffusionTask(L.LightningModule):
         num_sample_images: int = 16,
         sample_sigma_max: float = 80.0,
         inference_patch_size: int | None = None,
+        autoencoder: str | None = None,
+        latent_scale: float | str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -178,6 +193,14 @@ class DiffusionTask(L.LightningModule):
             raise ValueError(f"val_sigmas must be a non-empty list of positive noise levels, got {val_sigmas}")
         if sample_every_n_epochs < 0 or sample_steps < 1 or num_sample_images < 1:
             raise ValueError("need sample_every_n_epochs >= 0, sample_steps >= 1 and num_sample_images >= 1")
+        ae = _load_frozen_autoencoder(autoencoder, patch, latent_scale) if autoencoder is not None else None
+        if ae is not None:
+            if model_range is not None and tuple(float(v) for v in model_range) != ae.data_range:
+                raise UserError(
+                    f"model.model_range={list(model_range)} differs from the autoencoder's data range "
+                    f"{list(ae.data_range)}: in latent mode set model.model_range=null (the autoencoder's range)"
+                )
+            model_range = list(ae.data_range)
         if data_range is not None and model_range is None:
             raise ValueError("data_range needs a model_range (or set both to null)")
         net_config = _plain(net) if isinstance(net, Mapping) else None
@@ -190,6 +213,10 @@ class DiffusionTask(L.LightningModule):
         if not isinstance(network, nn.Module):
             raise TypeError(f"net must be an nn.Module or its config, got {type(network).__name__}")
         self.denoiser: nn.Module = self.objective.precondition(network)
+        self._frozen = (ae,) if ae is not None else ()  # a tuple: the autoencoder stays out of state_dict/optimizer
+        if ae is not None:  # a buffer only in latent mode: pixel checkpoints keep their state_dict keys
+            scale = math.nan if latent_scale == "auto" else float(latent_scale)
+            self.register_buffer("latent_scale_value", torch.tensor(scale, dtype=torch.float64))
         self.patch = _patch_training(patch, data_range, model_range) if patch is not None else None
         self._check_network_channels(network)
         self.ema: AveragedModel | None = None
@@ -213,6 +240,20 @@ class DiffusionTask(L.LightningModule):
         return self.patch.convention if self.patch is not None else None
 
     @property
+    def autoencoder(self):
+        """The frozen :class:`~diffinv_pl.priors.autoencoders.Autoencoder` of latent mode, else None."""
+        return self._frozen[0] if self._frozen else None
+
+    @property
+    def latent_scale(self) -> float:
+        """s of z = s * E(x) (NaN until ``auto`` has been estimated at fit start)."""
+        return float(self.latent_scale_value) if self.autoencoder is not None else math.nan
+
+    def data_channels(self) -> int | None:
+        """Channels of the training images: the autoencoder's in latent mode, else the network's."""
+        return self.autoencoder.image_channels if self.autoencoder is not None else self.hparams.image_channels
+
+    @property
     def ema_denoiser(self) -> nn.Module:
         """The denoiser used for validation, sampling and export: the EMA copy when enabled."""
         return self.ema.module if self.ema is not None else self.denoiser
@@ -222,6 +263,10 @@ class DiffusionTask(L.LightningModule):
         shifts drawn from the generator given to ``denoise``; state: the canvas padded with the data-unit zero, so
         validation and sample grids noise and denoise the border too, as PaDIS)."""
         sigma_range = objective_sigma_range(self.objective)
+        if self.autoencoder is not None:
+            from diffinv_pl.priors.latent import LatentPrior  # imported here: latent imports the checkpoint module
+
+            return LatentPrior(self.ema_denoiser, self.autoencoder.to(self.device), self.latent_scale, sigma_range)
         if self.patch is None:
             return NetworkPrior(self.ema_denoiser, self.model_range, self.hparams.image_channels, sigma_range)
         return PatchAssembledPrior(
@@ -241,6 +286,12 @@ class DiffusionTask(L.LightningModule):
                 f"model.image_channels={c} but the network denoises {net_c} channel(s): make them equal "
                 f"(model.net.image_channels sets both)"
             )
+        ae = self.autoencoder
+        if ae is not None and c != ae.latent_channels:
+            raise UserError(
+                f"the latent network denoises {c} channel(s) but the autoencoder's latent has {ae.latent_channels}: "
+                f"set model.image_channels={ae.latent_channels} (and the network's channels)"
+            )
         cond = getattr(network, "cond_channels", None)
         if cond is not None and (cond == 2) != (self.patch is not None):
             raise UserError(
@@ -253,6 +304,8 @@ class DiffusionTask(L.LightningModule):
     # data
 
     def _images(self, batch: Any) -> Tensor:
+        if isinstance(batch, Mapping) and "latent" in batch:
+            raise UserError("this batch holds pre-encoded latents but the model needs images (pixel mode)")
         if isinstance(batch, Mapping):
             x = batch["image"]
         elif isinstance(batch, (tuple, list)):
@@ -263,10 +316,63 @@ class DiffusionTask(L.LightningModule):
             x = convert_range(x, self.data_range, self.model_range)
         return x
 
+    def _examples(self, batch: Any) -> Tensor:
+        """The training examples of a batch: model-range images, or in latent mode the scaled latents s * E(x)
+        (encoded here, without gradients, or given pre-encoded and unscaled as ``batch["latent"]``)."""
+        ae = self.autoencoder
+        if ae is None:
+            return self._images(batch)
+        if isinstance(batch, Mapping) and "latent" in batch:
+            z = batch["latent"]
+        else:
+            with torch.no_grad():
+                z = ae.to(self.device).encode(self._images(batch))
+        return self.latent_scale * z
+
+    @torch.no_grad()
+    def estimate_latent_scale(self, batch: Any) -> float:
+        """1 / std of the unscaled latents of ``batch`` (LDM: ``1 / z.flatten().std()``)."""
+        ae = self.autoencoder.to(self.device)
+        if isinstance(batch, Mapping) and "latent" in batch:
+            z = batch["latent"]
+        else:
+            z = ae.encode(self._images(batch).to(self.device))
+        return float(1.0 / z.to(torch.float64).flatten().std())
+
+    def _fit_start_latent(self, dm: Any) -> None:
+        """Latent mode: check the data's channels against the autoencoder and estimate ``auto`` latent scales."""
+        ae = self.autoencoder
+        data_c = getattr(dm, "channels", None)
+        if data_c is not None and data_c != ae.image_channels:
+            raise UserError(
+                f"the data has {data_c} channel(s) but the autoencoder takes {ae.image_channels} (e.g. a grayscale "
+                f"model on RGB data): set data.train.mode={'L' if ae.image_channels == 1 else 'RGB'} or use an "
+                "autoencoder trained on data with this channel count"
+            )
+        stored = getattr(dm, "autoencoder_description", None)  # pre-encoded latents: encoded by this autoencoder?
+        if stored is not None:
+            from diffinv_pl.priors.latent import check_autoencoder_matches
+
+            check_autoencoder_matches(ae, stored, None, str(self.hparams.autoencoder))
+        if math.isfinite(self.latent_scale):
+            return  # a number, or restored from a checkpoint
+        scale = None
+        if self.trainer.is_global_zero:
+            if dm is None or not hasattr(dm, "train_dataloader"):
+                raise UserError("model.latent_scale=auto needs a data module to read a first batch: give a number")
+            scale = self.estimate_latent_scale(next(iter(dm.train_dataloader())))
+        scale = float(self.trainer.strategy.broadcast(scale, src=0))
+        if not (math.isfinite(scale) and scale > 0):
+            raise UserError(f"the estimated latent scale is {scale} (constant latents?): give model.latent_scale")
+        self.latent_scale_value.fill_(scale)
+        log.info("latent scale (1 / std of the first batch's latents): %.6g", scale)
+
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
+        if self.autoencoder is not None:
+            self._fit_start_latent(dm)
         data_c = getattr(dm, "channels", None)
-        model_c = self.hparams.image_channels
+        model_c = self.data_channels()
         if data_c is not None and model_c is not None and data_c != model_c:
             raise UserError(
                 f"the data has {data_c} channel(s) but the model expects {model_c}: set the data's mode "
@@ -303,7 +409,7 @@ class DiffusionTask(L.LightningModule):
     # training
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x0 = self._images(batch)
+        x0 = self._examples(batch)
         cpu_gen, dev_gen = self._generators("train", batch_idx, x0.device)
         devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=x0.device.type if devices else "cuda"):
@@ -407,10 +513,16 @@ class DiffusionTask(L.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x0 = self._images(batch)
-        cpu_gen, dev_gen = self._generators("val", batch_idx, x0.device)
-        per_example, _, _ = self._loss_terms(self.ema_denoiser, x0, cpu_gen, dev_gen)
+        if self.autoencoder is not None and not math.isfinite(self.latent_scale):
+            raise UserError("model.latent_scale=auto is estimated at fit start: validate a trained checkpoint, or "
+                            "give a number")
+        examples = self._examples(batch)  # images, or latents in latent mode
+        cpu_gen, dev_gen = self._generators("val", batch_idx, examples.device)
+        per_example, _, _ = self._loss_terms(self.ema_denoiser, examples, cpu_gen, dev_gen)
         self.log("val/loss", per_example.mean(), prog_bar=True, sync_dist=True, batch_size=per_example.shape[0])
+        if isinstance(batch, Mapping) and "latent" in batch:
+            return  # pre-encoded latents: no images to measure the PSNR gain on
+        x0 = self._images(batch)
         if x0.ndim == 4:
             for s, gain in self.psnr_gain(x0, cpu_gen, dev_gen).items():
                 self.log(f"val/psnr_gain_sigma{s:g}", gain, sync_dist=True, batch_size=x0.shape[0])
@@ -460,7 +572,7 @@ class DiffusionTask(L.LightningModule):
         if not self.trainer.is_global_zero:  # one grid per epoch; the EMA model's calls need no collectives
             return
         size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
-        if self.hparams.image_channels is None or size is None:
+        if self.data_channels() is None or size is None:
             return
         samples = self.sample(self.hparams.num_sample_images, tuple(size), hash_seed(self.hparams.seed, "samples"))
         self._save_sample_grid(samples, root / "samples" / f"epoch_{self.current_epoch:04d}.png")
@@ -476,7 +588,7 @@ class DiffusionTask(L.LightningModule):
         gen = torch.Generator().manual_seed(seed)
         prior = self.whole_image_prior()
         sigmas = edm_sigmas(self.hparams.sample_steps, 0.002, self.hparams.sample_sigma_max).tolist() + [0.0]
-        shape = (num_images, *prior.state_shape((self.hparams.image_channels, *image_size)))
+        shape = (num_images, *prior.state_shape((self.data_channels(), *image_size)))
         x = sigmas[0] * torch.randn(shape, generator=gen).to(self.device)
 
         def denoise(z: Tensor, sigma: float) -> Tensor:
@@ -518,7 +630,19 @@ class DiffusionTask(L.LightningModule):
             inference_patch_size=size,
             ema=self.ema is not None,
             sigma_range=objective_sigma_range(self.objective),
+            latent=self._latent_description(),
         )
+
+    def _latent_description(self) -> dict | None:
+        """The description's ``latent`` block: autoencoder path and ``describe()``, latent scale (None: pixel mode
+        or a scale not estimated yet)."""
+        if self.autoencoder is None or not math.isfinite(self.latent_scale):
+            return None
+        return {
+            "autoencoder": str(Path(str(self.hparams.autoencoder)).expanduser().resolve()),
+            "autoencoder_description": self.autoencoder.describe(),
+            "latent_scale": self.latent_scale,
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["diffinv_pl"] = self.checkpoint_description().to_dict()
@@ -539,6 +663,18 @@ class DiffusionTask(L.LightningModule):
         if info is None:
             return
         stored = PriorCheckpointDescription.from_dict(info)
+        if (stored.latent is None) != (self.autoencoder is None):
+            raise UserError(
+                f"the checkpoint is a {'latent' if stored.latent else 'pixel'} diffusion model but this run is in "
+                f"{'latent' if self.autoencoder is not None else 'pixel'} mode: resume with the experiment that "
+                "wrote it (model.autoencoder), or start a new run without ckpt_path"
+            )
+        if stored.latent is not None:
+            from diffinv_pl.priors.latent import check_autoencoder_matches
+
+            check_autoencoder_matches(
+                self.autoencoder, stored.latent["autoencoder_description"], None, str(self.hparams.autoencoder)
+            )
         if (stored.positional_convention is None) != (self.convention is None):
             raise UserError(
                 f"the checkpoint was trained {'with' if stored.positional_convention else 'without'} patches but this "
@@ -619,6 +755,28 @@ def _patch_training(
             "model.data_range/model_range; remove it"
         )
     return PatchTraining.build(**dict(patch), pad_value=data_zero(data_range, model_range))
+
+
+def _load_frozen_autoencoder(path: str, patch: Mapping | None, latent_scale: float | str):
+    """The frozen autoencoder of latent mode (eval, no gradients); UserError for patch mode or a bad scale."""
+    from diffinv_pl.priors.autoencoders import load_autoencoder  # imported here: diffusers is slow to import
+
+    if patch is not None:
+        raise UserError("latent mode (model.autoencoder) trains on whole latents: set model.patch=null")
+    if latent_scale != "auto":
+        try:
+            ok = math.isfinite(float(latent_scale)) and float(latent_scale) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"model.latent_scale={latent_scale!r} must be 'auto' or a number > 0")
+    try:
+        return load_autoencoder(path)
+    except UserFileError as err:
+        raise UserFileError(
+            f"{err}. Train the autoencoder first (model.autoencoder names it); for experiment=ldm_tiny: python "
+            "train.py experiment=autoencoder_tiny paths.output_dir=data/weights/autoencoder_tiny"
+        ) from err
 
 
 def _psnr(x: Tensor, ref: Tensor, lo: float, hi: float) -> Tensor:
