@@ -48,9 +48,10 @@ class CountingPrior(Prior):
     def __init__(self, prior: Prior, poison: bool = False) -> None:
         self.prior, self.calls, self.poison = prior, 0, poison
 
-    def denoise(self, x, sigma, *, generator=None):
+    def denoise(self, x, sigma, *, generator=None, network_sigma=None):
         self.calls += 1
-        out = self.prior.denoise(x, sigma, generator=generator)
+        extra = {} if network_sigma is None else {"network_sigma": network_sigma}
+        out = self.prior.denoise(x, sigma, generator=generator, **extra)
         return out * float("nan") if self.poison else out
 
     def check_data_shape(self, data_shape):

@@ -24,6 +24,7 @@ from diffinv_pl.operators import MatrixOperator, build_operator
 from diffinv_pl.operators.base import ForwardOperator
 from diffinv_pl.priors import GaussianMixture
 from diffinv_pl.priors.base import Prior
+from diffinv_pl.priors.linear_latent import LinearDecoderPrior
 from diffinv_pl.errors import UserError
 from diffinv_pl.solvers import SOLVERS, InverseProblem, check_solver_setup, dps, needs_prior
 from diffinv_pl.utils.seeding import key_generator
@@ -91,6 +92,16 @@ def image_case() -> Case:
     return Case(lambda rows: InverseProblem(y[rows], op, 0.01), None, False)
 
 
+def sr_image_case() -> Case:
+    """Images (1, 8, 8) down-sampled x2 by bicubic SR, no prior (the bicubic up-sampling baseline needs an SR operator)."""
+    op = build_operator("sr_bicubic", factor=2, channels=1, image_size=8, input_range=(0.0, 1.0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(ROWS, 1, 8, 8, generator=g, dtype=F64)
+    y = op(x) + 0.01 * torch.randn(ROWS, 1, 4, 4, generator=g, dtype=F64)
+    op.reset_counters()
+    return Case(lambda rows: InverseProblem(y[rows], op, 0.01), None, False)
+
+
 def small_operator_case() -> Case:
     """The default problem with A and y scaled by 1/100 (sigma_y 0.001): DAPS's image constants (tau = 0.01,
     lr = 1e-4) make Langevin stable only for an operator of norm about 1 or less."""
@@ -99,7 +110,18 @@ def small_operator_case() -> Case:
     return Case(lambda rows: InverseProblem(y[rows] / 100, op, 0.001), prior, True)
 
 
-CASES: dict[str, Callable[[], Case]] = {"daps": small_operator_case, "oracle": shared_measurement_case, "tv": image_case}
+def linear_decoder_case() -> Case:
+    """The default problem through a latent prior with the identity decoder (ReSample's released look-ahead needs a
+    prior whose denoise takes network_sigma)."""
+    prior, A, y = _mixture_and_matrix()
+    op = CountingMatrix(A)
+    latent = LinearDecoderPrior(prior, torch.eye(4, dtype=F64))
+    return Case(lambda rows: InverseProblem(y[rows], op, 0.1), latent, True)
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "resample": linear_decoder_case,
+    "bicubic": sr_image_case, "daps": small_operator_case, "oracle": shared_measurement_case, "tv": image_case}
 
 
 def solver_from_config(name: str):
@@ -107,6 +129,8 @@ def solver_from_config(name: str):
     cfg = compose("evaluate", [f"solver={name}", "sampling_grid=vp", "sampling_grid.num_steps=5", "paths.output_dir=/tmp"])
     if "num_levels" in cfg.solver:
         cfg.solver.num_levels = 5
+    if name == "resample":  # 20 steps: events at indices 2, 4 (latent), 6 .. 14 (pixel)
+        cfg.solver.num_steps, cfg.solver.dc_period = 20, 2
     return instantiate(cfg.solver)
 
 
@@ -211,6 +235,12 @@ def _poison_operator(op: ForwardOperator) -> None:
 def test_nan_is_detected_with_the_step_named(name):
     case = _case(name)
     problem = case.problem(list(range(ROWS)))
+    if name == "bicubic":  # calls no operator: a NaN in the measurement it up-samples is what it must catch
+        problem.y = problem.y.clone()
+        problem.y[0, 0, 0, 0] = float("nan")
+        with pytest.raises(FloatingPointError, match="at step 0"):
+            solver_from_config(name)(problem, None)
+        return
     _poison_operator(problem.operator)
     # NaN during sampling names the step; a NaN operator the solver can see before sampling is refused as bad input
     with pytest.raises((FloatingPointError, ValueError), match=r"at step \d+|NaN"):

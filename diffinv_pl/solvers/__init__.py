@@ -10,14 +10,16 @@ from diffinv_pl.solvers.base import (
     needs_linear_operator,
     needs_prior,
 )
-from diffinv_pl.solvers.classical import pseudo_inverse, tv_least_squares
+from diffinv_pl.solvers.classical import bicubic_upsampling, pseudo_inverse, tv_least_squares
 from diffinv_pl.solvers.codps import codps, codps_plus
 from diffinv_pl.solvers.daps import daps
 from diffinv_pl.solvers.diffusion_posterior_sampling import dps
 from diffinv_pl.solvers.exact_oracle import oracle
 from diffinv_pl.solvers.padis import padis_dps, padis_langevin, padis_pc
+from diffinv_pl.solvers.resample import resample
 
 SOLVERS: dict[str, Solver] = {
+    "bicubic": bicubic_upsampling,
     "codps": codps,
     "codps_plus": codps_plus,
     "daps": daps,
@@ -27,6 +29,7 @@ SOLVERS: dict[str, Solver] = {
     "padis_langevin": padis_langevin,
     "padis_pc": padis_pc,
     "pinv": pseudo_inverse,
+    "resample": resample,
     "tv": tv_least_squares,
 }
 
@@ -45,6 +48,7 @@ __all__ = [
     "Solver",
     "SolverCost",
     "SolverResult",
+    "bicubic_upsampling",
     "codps",
     "codps_plus",
     "daps",
@@ -59,5 +63,6 @@ __all__ = [
     "padis_langevin",
     "padis_pc",
     "pseudo_inverse",
+    "resample",
     "tv_least_squares",
 ]

@@ -1,6 +1,9 @@
 """Non-learned reference solvers on the same contract, so every results table has a classical row.
 
 * :func:`pseudo_inverse`: x = A^+ y with the operator's own pinv (exact where cheap, FBP for CT, CG otherwise).
+* :func:`bicubic_upsampling`: x = bicubic interpolation of y to the operator's input size (the classical
+  super-resolution baseline of ReSample/DPS-style tables), for operators whose output is the input down-sampled by an
+  integer factor.
 * :func:`tv_least_squares`: total-variation regularised least squares
 
       min_x  1/2 ||A x - y||^2 + lam * TV(x)      (optionally subject to x in the operator's input range)
@@ -9,7 +12,7 @@
   hybrid gradient method (Chambolle & Pock 2011) with K = (A, grad), step sizes tau = sigma = 0.99 / ||K||,
   ||K||^2 <= ||A||^2 + 8 (||A|| by the operator's power method), started from zero (or from ``x_init``).
 
-Both ignore the prior (pass ``None``) and use no randomness: they are the baselines.
+All ignore the prior (pass ``None``) and use no randomness: they are the baselines.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffinv_pl.operators.base import LinearOperator
+import torch.nn.functional as F
+
+from diffinv_pl.errors import UserError
+from diffinv_pl.operators.base import ForwardOperator, LinearOperator
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.solvers.base import Callback, InverseProblem, SolverResult, check_finite, cost_meter
 from diffinv_pl.utils.random import GeneratorLike
@@ -48,6 +54,57 @@ def pseudo_inverse(
         if callback is not None:
             callback({"step": 0, "x": x})
     return SolverResult(x, cost)
+
+
+def upsampling_factor(operator: ForwardOperator) -> int:
+    """The integer factor s of an operator mapping (C, s h, s w) images to (C, h, w) measurements; UserError otherwise."""
+    a, b = tuple(operator.in_shape), tuple(operator.out_shape)
+    ok = len(a) == 3 and len(b) == 3 and a[0] == b[0] and b[1] > 0 and b[2] > 0
+    ok = ok and a[1] % b[1] == 0 and a[1] // b[1] == a[2] // b[2] and a[2] % b[2] == 0 and a[1] > b[1]
+    if not ok:
+        raise UserError(
+            f"solver=bicubic up-samples a low-resolution measurement, but {type(operator).__name__} maps {a} to {b}: "
+            "use it with a super-resolution operator (operator=sr_bicubic or sr_blur_stride), or solver=pinv/tv"
+        )
+    return a[1] // b[1]
+
+
+def bicubic_upsampling(
+    problem: InverseProblem,
+    prior: Prior | None = None,
+    *,
+    clamp: bool = True,
+    generator: GeneratorLike = None,
+    callback: Callback | None = None,
+    x_init: Tensor | None = None,
+) -> SolverResult:
+    """x = bicubic(y) up-sampled by the operator's factor s (``torch.nn.functional.interpolate``, mode ``bicubic``,
+    Keys a = -0.75, ``align_corners=False``: pixel centres at (i + 1/2) / s), clamped to the operator's input range
+    when ``clamp``. No operator call, no initial state (``x_init`` is refused)."""
+    factor = upsampling_factor(problem.operator)
+    if x_init is not None:
+        raise ValueError("bicubic_upsampling has no initial state; do not pass x_init")
+    op = problem.operator
+    shape = (*problem.batch_shape, *op.in_shape)
+    with cost_meter(problem) as cost:
+        y = problem.y.to(problem.state_dtype)
+        flat = y.reshape(-1, *op.out_shape)
+        x = F.interpolate(flat, scale_factor=factor, mode="bicubic", align_corners=False).reshape(*y.shape[:-3], *op.in_shape)
+        if clamp and op.input_range is not None:
+            x = x.clamp(*op.input_range)
+        x = x.expand(shape).clone()
+        check_finite(x, "bicubic up-sampling", 0, 0.0, "check the measurement")
+        if callback is not None:
+            callback({"step": 0, "x": x})
+    return SolverResult(x, cost)
+
+
+def _check_bicubic(operator: ForwardOperator, **_: object) -> None:
+    upsampling_factor(operator)
+
+
+bicubic_upsampling.check_hyperparameters = _check_bicubic
+bicubic_upsampling.needs_prior = False
 
 
 def _grad(x: Tensor) -> Tensor:

@@ -37,6 +37,8 @@ from diffinv_pl.errors import UserError
 from diffinv_pl.data.gmm_problems import GMMProblemSet, make_gmm_problems
 from diffinv_pl.diffusion.schedules import SamplingGrid
 from diffinv_pl.operators.matrix import MatrixOperator
+from diffinv_pl.priors.analytic import GaussianMixture
+from diffinv_pl.priors.linear_latent import LinearDecoderPrior
 from diffinv_pl.metrics.sliced_wasserstein import mode_weight_tv, random_directions, sliced_wasserstein_1_sorted, sorted_projections
 from diffinv_pl.solvers.base import InverseProblem, Solver, check_solver_arguments
 from diffinv_pl.utils.io import atomic_write_text, csv_text
@@ -56,12 +58,14 @@ class SamplerSpec:
     """A solver bound to its hyperparameters (e.g. a ``functools.partial``), the initial states to run it from, the
     sampling ``grid`` its exact initial states are drawn on (needed only for the ``prior`` and ``posterior`` inits; give
     the solver's own grid) and its ``name`` in the table (default: its key in ``samplers``; for the key ``solver``,
-    the solver function's name)."""
+    the solver function's name). ``linear_decoder: true`` runs the solver through a linear decoder
+    (:func:`linear_decoder_problem`: latent solvers such as ReSample and LatentDAPS, with the cell's exact posterior)."""
 
     solver: Solver
     inits: tuple[str, ...] = ("gaussian",)
     grid: SamplingGrid | None = None
     name: str | None = None
+    linear_decoder: bool = False
 
     def __post_init__(self) -> None:
         self.inits = tuple(self.inits)
@@ -108,6 +112,23 @@ def initial_state(
         x0 = noised.sample(P * n, generator).reshape(P, n, d) if single else noised.sample(n, generator)
         return s0 * x0
     return s0 * problems.posterior.noised(sigma0).sample(n, generator)
+
+
+def linear_decoder_problem(
+    problem: InverseProblem, prior: GaussianMixture, seed: int
+) -> tuple[InverseProblem, LinearDecoderPrior]:
+    """The cell's problem seen through a linear decoder x = W z: the mixture becomes the latent prior of a
+    :class:`LinearDecoderPrior` and the operator A' (on the mixture's coordinates) the pixel operator A = A' W^-1, so
+    that A W = A' and the exact posterior of z is the cell's. W is a Haar-random rotation drawn from ``seed`` (one per
+    cell): then ||A|| = ||A'|| (DAPS's relative step is unchanged) and W^-1 = W^T. The solver's pixel samples are
+    mapped back with ``encode`` (W^T x) and scored against the cell's reference."""
+    d = prior.dim
+    gauss = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    W = (q * torch.sign(torch.diagonal(r))).to(problem.y.dtype)  # sign fix: Haar-distributed
+    operator = MatrixOperator(problem.operator.matrix @ W.T)
+    latent = InverseProblem(problem.y, operator, problem.sigma_y, batch_shape=problem.batch_shape)
+    return latent, LinearDecoderPrior(prior, W)
 
 
 class GMMPosteriorBenchmark:
@@ -194,8 +215,14 @@ class GMMPosteriorBenchmark:
                 gens = self.generators(dx, dy, sigma_y, "sampler", name, init)
                 x_init = initial_state(init, spec.grid, problems, n, gens)
                 x_init = None if x_init is None else x_init.to(dt)
-                result = spec.solver(problem, prior, generator=gens, x_init=x_init)
-                samples = result.samples.to(torch.float64)
+                if spec.linear_decoder:
+                    decoder_seed = self.stream_seed(dx, dy, sigma_y, "linear_decoder")
+                    latent_problem, latent_prior = linear_decoder_problem(problem, prior, decoder_seed)
+                    result = spec.solver(latent_problem, latent_prior, generator=gens, x_init=x_init)
+                    samples = latent_prior.encode(result.samples).to(torch.float64)
+                else:
+                    result = spec.solver(problem, prior, generator=gens, x_init=x_init)
+                    samples = result.samples.to(torch.float64)
                 sets[(name, init)] = (samples, result.cost.wall_time_s, result.cost.as_dict())
         dir_gen = torch.Generator().manual_seed(self.stream_seed(dx, dy, sigma_y, "sw_directions"))
         directions = random_directions(self.num_directions, dx, dir_gen)
