@@ -169,12 +169,12 @@ def test_ldm_official_prior_reads_a_converted_folder_and_names_the_download(tmp_
     ae = tiny_autoencoder(image_channels=3)
     ae.model.save_pretrained(tmp_path / "conv" / "vqvae")
     tiny_eps_unet().unet.save_pretrained(tmp_path / "conv" / "unet")
-    info = {"beta_schedule": "linear", "linear_start": 0.0015, "linear_end": 0.0195, "num_timesteps": 1000,
+    info = {"beta_schedule": "sqrt_linear", "linear_start": 0.0015, "linear_end": 0.0195, "num_timesteps": 1000,
             "scale_factor": 0.8, "latent_channels": 3, "downsample_factor": 2}
     (tmp_path / "conv" / "ldm.json").write_text(json.dumps(info))
     prior = ldm_official_prior(tmp_path / "conv")
     assert prior.latent_scale == 0.8 and prior.state_shape((3, 16, 16)) == (3, 8, 8)
-    assert prior.sigma_range == pytest.approx((0.038759, 83.8225), rel=1e-4)  # CompVis "linear" = sqrt-linear
+    assert prior.sigma_range == pytest.approx((0.038759, 83.8225), rel=1e-4)  # sqrt-linear (CompVis "linear")
     z = prior.encode(torch.rand(1, 3, 16, 16))
     assert prior.denoise(z, 1.0).shape == z.shape
     pixel = ldm_official_prior(tmp_path / "conv", time_map="pixel_vp")

@@ -44,8 +44,9 @@ from diffinv_pl.priors.base import Prior
 from diffinv_pl.utils.random import GeneratorLike
 
 TIME_MAPS = ("ldm", "pixel_vp")
-# CompVis make_beta_schedule names -> ours ("linear" there is sqrt(beta) linear; "sqrt_linear" there is beta linear)
-COMPVIS_SCHEDULES = {"linear": "sqrt_linear", "sqrt_linear": "linear"}
+# ldm.json names the schedule in diffinv_pl's naming (diffinv_pl.diffusion.schedules): "sqrt_linear" = sqrt(beta)
+# linear in [sqrt(linear_start), sqrt(linear_end)], which CompVis's make_beta_schedule calls "linear"
+LDM_JSON_SCHEDULES = ("sqrt_linear", "linear")
 LDM_FFHQ_URL = "https://ommer-lab.com/files/latent-diffusion/ffhq.zip"
 
 
@@ -247,7 +248,7 @@ def ldm_official_prior(
     map_location: str = "cpu",
 ) -> LatentPrior:
     """The CompVis LDM (e.g. FFHQ-256, VQ-f4) converted to a folder with ``unet/`` (diffusers UNet2DModel,
-    eps prediction), ``vqvae/`` (diffusers VQModel) and ``ldm.json`` (beta_schedule in CompVis naming,
+    eps prediction), ``vqvae/`` (diffusers VQModel) and ``ldm.json`` (beta_schedule in diffinv_pl's naming,
     linear_start, linear_end, num_timesteps, scale_factor, latent_channels, downsample_factor).
     ``image_channels=1`` feeds grayscale data through the RGB model (gray_to_rgb)."""
     root = Path(str(path)).expanduser()
@@ -267,10 +268,10 @@ def ldm_official_prior(
     absent = [k for k in keys if k not in info]
     if absent:
         raise UserError(f"{root / 'ldm.json'} lacks {absent}: re-run the diffinv_pl.priors.compvis converter")
-    schedule = COMPVIS_SCHEDULES.get(info["beta_schedule"])
-    if schedule is None:
-        raise UserError(f"{root / 'ldm.json'}: beta_schedule {info['beta_schedule']!r} is not supported "
-                        f"(CompVis names: {', '.join(COMPVIS_SCHEDULES)})")
+    schedule = info["beta_schedule"]
+    if schedule not in LDM_JSON_SCHEDULES:
+        raise UserError(f"{root / 'ldm.json'}: beta_schedule {schedule!r} is not supported (diffinv_pl names: "
+                        f"{', '.join(LDM_JSON_SCHEDULES)}); re-run the diffinv_pl.priors.compvis converter")
     unet = UNet2DModel.from_pretrained(str(root / "unet")).to(map_location)
     ae = load_autoencoder(root / "vqvae", image_channels=image_channels, data_range=data_range, device=map_location)
     stored = {"latent_channels": int(info["latent_channels"]), "downsample_factor": int(info["downsample_factor"]),
