@@ -37,11 +37,15 @@ def read_rows(run: Path) -> list[dict]:
     return rows
 
 
+def _close(u: float, v: float, rtol: float) -> bool:
+    return abs(u - v) <= rtol * max(abs(u), abs(v), 1e-12)
+
+
 def _same_floor(a: list[tuple], b: list[tuple], rtol: float = 1e-9) -> bool:
-    """The same problems: equal (problem, sigma_y) and the floor's SW1 and mode TV equal to ``rtol`` (runs with other
-    torch thread counts sum in another order: the last bit of SW1 may differ)."""
+    """The same problems: equal problem indices, and sigma_y and the floor's SW1 and mode TV equal to ``rtol`` (runs
+    with other torch versions or thread counts sum in another order: the last bit of sigma_y or SW1 may differ)."""
     return len(a) == len(b) and all(
-        p == q and sy == sz and all(abs(u - v) <= rtol * max(abs(u), abs(v), 1e-12) for u, v in ((w, x), (t, z)))
+        p == q and all(_close(u, v, rtol) for u, v in ((sy, sz), (w, x), (t, z)))
         for (p, sy, w, t), (q, sz, x, z) in zip(a, b)
     )
 
@@ -56,7 +60,7 @@ def merge(runs: list[Path]) -> tuple[list[dict], list[tuple]]:
         for row in read_rows(run):
             # a TMPD cell has one fixed sigma_y; the mcgdiff protocol draws sigma_y per problem
             cell = (row["dx"], row["dy"], row["sigma_y"] if row["protocol"] == "tmpd" else None)
-            key = (*cell, row["sigma_y"], row["sampler"], row["init"], row["problem"])
+            key = (*cell, row["sampler"], row["init"], row["problem"])  # a problem's sigma_y: part of the floor check
             if row["sampler"] == FLOOR_LABEL:
                 floor = (row["problem"], row["sigma_y"], row["sw1"], row["mode_tv"])
                 floors.setdefault((cell, run), []).append(floor)
