@@ -165,7 +165,7 @@ def test_ldm_official_prior_reads_a_converted_folder_and_names_the_download(tmp_
         ldm_official_prior(tmp_path / "ldm_ffhq")
     msg = str(err.value)
     assert "ffhq.zip" in msg and "diffinv_pl.priors.compvis convert" in msg and "weights/ldm_ffhq" in msg
-    assert "ldm_tiny" in msg
+    assert "ldm_tiny" in msg and "experiment=resample_sr_tiny" in msg
     ae = tiny_autoencoder(image_channels=3)
     ae.model.save_pretrained(tmp_path / "conv" / "vqvae")
     tiny_eps_unet().unet.save_pretrained(tmp_path / "conv" / "unet")
@@ -182,3 +182,13 @@ def test_ldm_official_prior_reads_a_converted_folder_and_names_the_download(tmp_
     (tmp_path / "conv" / "ldm.json").write_text(json.dumps({**info, "latent_channels": 4}))
     with pytest.raises(UserError, match="latent_channels"):
         ldm_official_prior(tmp_path / "conv")
+
+
+def test_missing_latent_checkpoint_names_the_training_commands(tmp_path):
+    from diffinv_pl.priors.latent import latent_prior
+
+    with pytest.raises(UserFileError) as err:
+        latent_prior(tmp_path / "ldm_tiny" / "last.ckpt")
+    msg = str(err.value)
+    assert str(tmp_path / "ldm_tiny" / "last.ckpt") in msg and "experiment=ldm_tiny" in msg
+    assert "experiment=autoencoder_tiny" in msg and "prior.path=" in msg

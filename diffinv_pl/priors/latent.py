@@ -199,6 +199,13 @@ def latent_prior(
     """
     from diffinv_pl.priors.checkpoints import load_diffusion_prior  # checkpoints imports this module's users
 
+    if not Path(path).expanduser().is_file():
+        raise UserFileError(
+            f"no latent diffusion checkpoint at {str(path)!r} (prior.path): train one and put its "
+            "checkpoints/last.ckpt there, or pass prior.path=<run>/checkpoints/last.ckpt. Tiny CPU prior: `python "
+            "train.py experiment=autoencoder_tiny paths.output_dir=data/weights/autoencoder_tiny`, then `python "
+            "train.py experiment=ldm_tiny paths.output_dir=data/weights/ldm_tiny`; your data: experiment=ldm_custom"
+        )
     loaded = load_diffusion_prior(path, use_ema, map_location=map_location)
     latent = loaded.description.latent
     if latent is None:
@@ -258,9 +265,10 @@ def ldm_official_prior(
         raise UserFileError(
             f"the converted LDM folder is incomplete (missing {', '.join(missing)}): download {LDM_FFHQ_URL} "
             "(it contains model.ckpt), run `python -m diffinv_pl.priors.compvis convert <model.ckpt> <dir>` and "
-            "put the result at ${paths.data_dir}/weights/ldm_ffhq/ (or pass prior.path=<dir>); for an offline "
-            "tiny latent prior train `python train.py experiment=ldm_tiny` and use prior=latent "
-            "prior.path=<run>/checkpoints/last.ckpt"
+            "put the result at ${paths.data_dir}/weights/ldm_ffhq/ (or pass prior.path=<dir>); offline, the tiny "
+            "variants run without it (e.g. experiment=resample_sr_tiny, experiment=latent_daps_sr_tiny) after "
+            "`python train.py experiment=autoencoder_tiny paths.output_dir=data/weights/autoencoder_tiny` and "
+            "`python train.py experiment=ldm_tiny paths.output_dir=data/weights/ldm_tiny`"
         )
     info = json.loads((root / "ldm.json").read_text())
     keys = ("beta_schedule", "linear_start", "linear_end", "num_timesteps", "scale_factor", "latent_channels",
