@@ -92,7 +92,7 @@ def _safe_globals() -> list:
     return entries
 
 
-def _refused_global(err: Exception) -> str | None:
+def refused_global(err: Exception) -> str | None:
     """The ``module.name`` torch's weights-only unpickler refused (its message says ``GLOBAL module.name``)."""
     match = re.search(r"GLOBAL\s+([A-Za-z_][\w.]*)", str(err))
     return match.group(1) if match else None
@@ -113,7 +113,7 @@ def load_compvis_checkpoint(path: str | Path) -> dict[str, Tensor]:
         with torch.serialization.safe_globals(_safe_globals()):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        name = _refused_global(err)
+        name = refused_global(err)
         if name is None:
             raise UserError(f"{str(path)!r} is not a readable torch checkpoint ({str(err)[:200]}); download model.ckpt "
                             "again") from err
@@ -175,7 +175,7 @@ class LDMConfig:
     num_timesteps: int = 1000
 
 
-def _load_strict(model: torch.nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+def load_strict(model: torch.nn.Module, state: Mapping[str, Tensor], what: str) -> None:
     """Load ``state`` into ``model`` after checking names and shapes; a UserError lists every difference."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -208,7 +208,7 @@ def unet_diffusers_config(config: LDMUNetConfig) -> dict:
     )
 
 
-def _resnet(src: str, dst: str, state: Mapping[str, Tensor], out: dict, used: set) -> None:
+def convert_resnet_block(src: str, dst: str, state: Mapping[str, Tensor], out: dict, used: set) -> None:
     """openaimodel ResBlock -> diffusers ResnetBlock2D."""
     names = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
              "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -220,7 +220,7 @@ def _resnet(src: str, dst: str, state: Mapping[str, Tensor], out: dict, used: se
                 used.add(key)
 
 
-def _attention(src: str, dst: str, state: Mapping[str, Tensor], out: dict, used: set, head_channels: int) -> None:
+def convert_legacy_attention(src: str, dst: str, state: Mapping[str, Tensor], out: dict, used: set, head_channels: int) -> None:
     """openaimodel AttentionBlock (legacy order: per head [q, k, v]) -> diffusers Attention. An incomplete block is
     left unconverted (the strict load then reports it)."""
     names = [f"{src}.{n}.{p}" for n in ("norm", "qkv", "proj_out") for p in ("weight", "bias")]
@@ -257,12 +257,12 @@ def unet_state_to_diffusers(state: Mapping[str, Tensor], config: LDMUNetConfig) 
                 used.add(f"{old}.{p}")
 
     def attn(src: str, dst: str) -> None:
-        _attention(src, dst, state, out, used, config.num_head_channels)
+        convert_legacy_attention(src, dst, state, out, used, config.num_head_channels)
 
     block, ds, levels = 1, 1, len(config.channel_mult)
     for level in range(levels):
         for j in range(config.num_res_blocks):
-            _resnet(f"input_blocks.{block}.0", f"down_blocks.{level}.resnets.{j}", state, out, used)
+            convert_resnet_block(f"input_blocks.{block}.0", f"down_blocks.{level}.resnets.{j}", state, out, used)
             if ds in config.attention_resolutions:
                 attn(f"input_blocks.{block}.1", f"down_blocks.{level}.attentions.{j}")
             block += 1
@@ -273,13 +273,13 @@ def unet_state_to_diffusers(state: Mapping[str, Tensor], config: LDMUNetConfig) 
                     out[f"down_blocks.{level}.downsamplers.0.conv.{p}"] = state[key]
                     used.add(key)
             block, ds = block + 1, ds * 2
-    _resnet("middle_block.0", "mid_block.resnets.0", state, out, used)
+    convert_resnet_block("middle_block.0", "mid_block.resnets.0", state, out, used)
     attn("middle_block.1", "mid_block.attentions.0")
-    _resnet("middle_block.2", "mid_block.resnets.1", state, out, used)
+    convert_resnet_block("middle_block.2", "mid_block.resnets.1", state, out, used)
     block = 0
     for up, level in enumerate(reversed(range(levels))):
         for j in range(config.num_res_blocks + 1):
-            _resnet(f"output_blocks.{block}.0", f"up_blocks.{up}.resnets.{j}", state, out, used)
+            convert_resnet_block(f"output_blocks.{block}.0", f"up_blocks.{up}.resnets.{j}", state, out, used)
             has_attn = ds in config.attention_resolutions
             if has_attn:
                 attn(f"output_blocks.{block}.1", f"up_blocks.{up}.attentions.{j}")
@@ -304,7 +304,7 @@ def convert_ldm_unet(state_dict: Mapping[str, Tensor], config: LDMUNetConfig | N
     config = config or LDMUNetConfig()
     state = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)} or dict(state_dict)
     model = UNet2DModel(**unet_diffusers_config(config))
-    _load_strict(model, unet_state_to_diffusers(state, config), "LDM U-Net (model.diffusion_model.*)")
+    load_strict(model, unet_state_to_diffusers(state, config), "LDM U-Net (model.diffusion_model.*)")
     return model.eval()
 
 
@@ -348,7 +348,7 @@ def convert_vq_f4(state_dict: Mapping[str, Tensor], config: VQConfig | None = No
 
     config = config or VQConfig()
     model = VQModel(**vq_diffusers_config(config))
-    _load_strict(model, vq_state_to_diffusers(state_dict, config), "VQ first stage (first_stage_model.*)")
+    load_strict(model, vq_state_to_diffusers(state_dict, config), "VQ first stage (first_stage_model.*)")
     return model.eval()
 
 
