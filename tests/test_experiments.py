@@ -34,18 +34,36 @@ TINY_BY_NAME = {
     "ct_demo": ["data.num_images=2", "solver.num_levels=5", "solver.inner_steps=2",
                 "++trainer.enable_progress_bar=false"],
 }
+# tiny training runs of the latent stack: one epoch of 2 batches
+_TWO_BATCHES = ["trainer.max_epochs=1", "++trainer.limit_train_batches=2", "++trainer.limit_val_batches=1",
+                "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
+TINY_BY_NAME.update({name: _TWO_BATCHES for name in ("autoencoder_tiny", "autoencoder_kl_tiny", "ldm_tiny",
+                                                     "ldm_latents_tiny")})
+# the latent solvers' tiny variants (5-15 s each as configured): 2 images and fewer steps here (ReSample: one
+# latent-space and one pixel-space event)
+_RESAMPLE_FEWER = ["data.num_images=2", "solver.num_steps=40", "solver.pixel_max_iters=30",
+                   "solver.latent_max_iters=20", "++trainer.enable_progress_bar=false"]
+_LATENT_DAPS_FEWER = ["data.num_images=2", "solver.num_levels=5", "solver.mcmc_steps=4",
+                      "++trainer.enable_progress_bar=false"]
+TINY_BY_NAME.update({p.stem: _RESAMPLE_FEWER for p in (CONF / "experiment").glob("resample_*_tiny.yaml")})
+TINY_BY_NAME.update({p.stem: _LATENT_DAPS_FEWER for p in (CONF / "experiment").glob("latent_daps_*_tiny.yaml")})
+# paper-scale training configs (GPU trainer) without a <name>_tiny file -> the tiny experiment that stands for them
+PAPER_TRAINING = {"autoencoder_vq_f4": "autoencoder_tiny", "autoencoder_vq_f4_finetune": "autoencoder_tiny",
+                  "ldm_ffhq": "ldm_tiny", "ldm_custom": "ldm_tiny"}
 
 
 def _has_tiny_variant(name: str) -> bool:
-    return (CONF / "experiment" / f"{name}_tiny.yaml").exists()
+    return (CONF / "experiment" / f"{name}_tiny.yaml").exists() or name in PAPER_TRAINING
 
 
 def _tiny_overrides(name: str, kind: str) -> list[str]:
-    """Overrides that make an experiment tiny: none for an experiment that is a tiny variant itself or has one (the
-    paper-scale one is checked without running), otherwise by task type."""
+    """Overrides that make an experiment tiny: TINY_BY_NAME's; else none for an experiment that is a tiny variant
+    itself or has one (the paper-scale one is checked without running); otherwise by task type."""
+    if name in TINY_BY_NAME:
+        return TINY_BY_NAME[name]
     if name.endswith("_tiny") or _has_tiny_variant(name):
         return []
-    return TINY_BY_NAME.get(name, TINY[kind])
+    return TINY[kind]
 
 
 def _compose_experiment(name: str, tmp_path: Path, extra: tuple[str, ...] = ()):
@@ -97,6 +115,7 @@ def _needs_kernel_wizard(name: str) -> bool:
 PRIOR_FIXES = {
     "diffinv_pl.priors.checkpoints.trained_prior": ("prior.path=", "train.py"),
     "diffinv_pl.priors.edm_pickle.converted_padis_prior": ("edm_pickle convert", "prior.path="),
+    "diffinv_pl.priors.latent.ldm_official_prior": ("compvis convert", "weights/ldm_ffhq", "prior.path="),
 }
 
 
@@ -150,6 +169,62 @@ def ct_demo_data_dir(tmp_path_factory) -> Path:
     return root / "data"
 
 
+def _needs_latent_tiny_prior(name: str) -> bool:
+    """The tiny latent experiments (training on the tiny autoencoder or its latents, solving with the tiny latent
+    prior) run with latent_tiny_data_dir as paths.data_dir."""
+    return name in ("ldm_tiny", "ldm_latents_tiny") or (
+        name.startswith(("resample_", "latent_daps_")) and name.endswith("_tiny"))
+
+
+def _write_images(folder: Path, count: int, size: int, mode: str) -> Path:
+    """``count`` random ``size``^2 PNG images (``mode`` L or RGB) in ``folder``."""
+    import torch
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    for i in range(count):
+        Image.fromarray((torch.rand(shape, generator=g) * 255).to(torch.uint8).numpy(), mode=mode).save(
+            folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latent_tiny_data_dir(tmp_path_factory) -> Path:
+    """A paths.data_dir holding weights/autoencoder_tiny and weights/ldm_tiny (each trained for 2 batches with
+    run_training, as the tiny latent experiments' comments tell the user to train them) and latents/ldm_tiny (8 random
+    32^2 grayscale images encoded by that autoencoder, data_prep/encode_latents.py); a few seconds on one core."""
+    from data_prep.encode_latents import encode_folder
+    from diffinv_pl.training import run_training
+
+    root = tmp_path_factory.mktemp("latent_tiny")
+    data = root / "data"
+    for name in ("autoencoder_tiny", "ldm_tiny"):
+        run_training(compose("train", [f"experiment={name}", f"paths.output_dir={data / 'weights' / name}",
+                                       f"paths.data_dir={data}", *_TWO_BATCHES]))
+    encode_folder(data / "weights" / "autoencoder_tiny" / "checkpoints" / "last.ckpt",
+                  _write_images(root / "images", 8, 32, "L"), data / "latents" / "ldm_tiny", mode="L")
+    return data
+
+
+def _paper_training_overrides(name: str, tmp_path: Path, request) -> tuple[str, ...]:
+    """What a paper-scale training config needs to build its model and data module here: an image folder, and the
+    pretrained autoencoder (fine-tuning: a VQ-f4 RGB diffusers folder of the paper architecture, random weights)."""
+    extra = [f"data.train.root={_write_images(tmp_path / 'images', 2, 32, 'RGB')}"]
+    if name == "autoencoder_vq_f4_finetune":
+        from hydra.utils import instantiate
+
+        base = compose("train", ["experiment=autoencoder_vq_f4", f"paths.output_dir={tmp_path / 'base'}"])
+        folder = tmp_path / "vq_f4_rgb"
+        instantiate(base.model).autoencoder.model.save_pretrained(str(folder))
+        extra.append(f"model.init_from={folder}")
+    if name in ("ldm_ffhq", "ldm_custom"):
+        ae = request.getfixturevalue("latent_tiny_data_dir") / "weights" / "autoencoder_tiny" / "checkpoints"
+        extra.append(f"model.autoencoder={ae / 'last.ckpt'}")
+    return tuple(extra)
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path, request):
     text = (CONF / "experiment" / f"{name}.yaml").read_text()
@@ -160,6 +235,11 @@ def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path, request):
         extra = (f"operator.weights_path={_tiny_kernel_wizard(tmp_path, dict(network))}",)
     if _needs_ct_demo_priors(name):
         extra = (f"paths.data_dir={request.getfixturevalue('ct_demo_data_dir')}",)
+    if _needs_latent_tiny_prior(name):
+        extra = (f"paths.data_dir={request.getfixturevalue('latent_tiny_data_dir')}",)
+    if name in PAPER_TRAINING:
+        assert PAPER_TRAINING[name] in EXPERIMENTS
+        extra = _paper_training_overrides(name, tmp_path, request)
     entry, cfg = _compose_experiment(name, tmp_path / "out", extra)
     if entry == "evaluate" and _has_tiny_variant(name):
         # paper-scale image experiment: its tiny CPU variant <name>_tiny runs as its own case; this one must refuse
@@ -189,9 +269,14 @@ def test_every_experiment_runs_in_a_tiny_cpu_variant(name, tmp_path, request):
         # paper-scale model and data module are built and checked without training
         from hydra.utils import instantiate
 
-        model = instantiate(cfg.model)
+        from diffinv_pl.latent_pipeline import stage_configs
+
         assert cfg.trainer.accelerator == "gpu"
-        assert sum(p.numel() for p in model.parameters()) > 10_000_000
+        # two-stage configs (ldm_custom): the autoencoder stage's model, then the latent model on the tiny autoencoder
+        models = [stage_configs(cfg)[0].model, cfg.model] if "stages" in cfg else [cfg.model]
+        for model_cfg in models:
+            model = instantiate(model_cfg)
+            assert sum(p.numel() for p in model.parameters()) > 10_000_000
         assert instantiate(cfg.data).batch_size == cfg.data.batch_size
     else:
         from diffinv_pl.training import run_training
