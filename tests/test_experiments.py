@@ -108,7 +108,7 @@ def _tiny_kernel_wizard(tmp_path: Path, network) -> Path:
 
 
 def _needs_kernel_wizard(name: str) -> bool:
-    return name.startswith("daps_nonlinear_deblur")
+    return name.startswith(("daps_nonlinear_deblur", "dps_nonlinear_deblur"))
 
 
 # the fix each prior loader's missing-file error names, by prior target
@@ -116,6 +116,7 @@ PRIOR_FIXES = {
     "diffinv_pl.priors.checkpoints.trained_prior": ("prior.path=", "train.py"),
     "diffinv_pl.priors.edm_pickle.converted_padis_prior": ("edm_pickle convert", "prior.path="),
     "diffinv_pl.priors.latent.ldm_official_prior": ("compvis convert", "weights/ldm_ffhq", "prior.path="),
+    "diffinv_pl.priors.adm.adm_prior": ("ffhq_10m.pt", "DPS README", "prior.path=", "docs/checkpoints_adm.md"),
 }
 
 
