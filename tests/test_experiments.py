@@ -336,12 +336,14 @@ def test_paper_image_experiments_hold_the_paper_numbers(name, tmp_path):
     cfg = compose("evaluate", [f"experiment={name}", f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path}"])
     solver = OmegaConf.to_container(cfg.solver, resolve=False)
     operator = OmegaConf.to_container(cfg.operator, resolve=True)
-    # FFHQ-256 RGB on [-1, 1] (phase retrieval: DAPS's [0, 1]), sigma_y 0.05, the trained whole-image prior
+    # FFHQ-256 RGB on [-1, 1] (phase retrieval: DAPS's [0, 1]), sigma_y 0.05, the public ffhq_10m.pt the papers use:
+    # DAPS calls it with the continuous VP time of its wrapper, CoDPS (DPS code) with the discrete DDPM index
     assert cfg.task._target_.endswith("ReconstructionTask") and cfg.task.sigma_y == 0.05 and cfg.task_name == name
     assert operator["image_size"] == 256 and operator["channels"] == 3
     assert cfg.data._target_.endswith("ImageFolderDataset") and cfg.data.image_size == 256 and cfg.data.mode == "RGB"
-    assert cfg.prior._target_ == "diffinv_pl.priors.checkpoints.trained_prior"
-    assert cfg.prior.path == f"{tmp_path}/weights/ffhq256_prior.ckpt" and cfg.prior.expected_channels == 3
+    assert cfg.prior._target_ == "diffinv_pl.priors.adm.adm_prior" and cfg.prior.config == "ffhq"
+    assert cfg.prior.path == f"{tmp_path}/weights/ffhq_10m.pt"
+    assert cfg.prior.time_map == ("vp" if name.startswith("daps_") else "ddpm")
     if name in DAPS_TASKS:
         task, op = DAPS_TASKS[name]
         assert solver["_target_"] == "diffinv_pl.solvers.daps"
