@@ -325,3 +325,20 @@ def test_reconstruction_grid_is_logged_to_an_offline_wandb_run(tmp_path, monkeyp
     assert len(list(tmp_path.glob("wandb/offline-run-*/files/media/images/reconstructions_*.png"))) == 1
     logged = {"train/rec_loss", "train/codebook_loss", "val/rec_loss", "val/psnr", "val/ssim", "reconstructions"}
     assert logged <= set(summary)
+
+
+def test_diffusers_folder_with_a_missing_weight_is_refused_not_randomly_filled(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from diffinv_pl.errors import UserError
+    from diffinv_pl.priors.autoencoders import build_autoencoder, load_autoencoder
+
+    ae = build_autoencoder("vq", image_channels=1, block_out_channels=(32, 64), layers_per_block=1,
+                           num_vq_embeddings=16, norm_num_groups=8)
+    ae.model.save_pretrained(tmp_path / "ae")
+    weights = tmp_path / "ae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["decoder.conv_out.weight"]
+    save_file(state, weights)
+    with pytest.raises(UserError, match=r"missing \['decoder.conv_out.weight'\]"):
+        load_autoencoder(tmp_path / "ae")

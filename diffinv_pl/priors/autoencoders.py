@@ -313,7 +313,13 @@ def _load_diffusers_folder(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         )
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise UserFileError(f"{path} has no weights ({' or '.join(WEIGHT_FILES)}): {fix}")
-    model = KINDS[kind].from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
+    model, info = KINDS[kind].from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False,
+                                              output_loading_info=True)
+    problems = [f"{name} {sorted(info[key])[:10]}" for key, name in
+                (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mismatched"))
+                if info.get(key)]
+    if problems:  # diffusers would leave missing weights at their random initialisation
+        raise UserError(f"the weights in {path} do not fit its config.json ({'; '.join(problems)}): {fix}")
     sidecar = path / SIDECAR_NAME
     extra = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     return model, extra

@@ -431,8 +431,6 @@ def convert_ldm_checkpoint(path: str | Path, out_dir: str | Path, config: LDMCon
 def load_converted_ldm(out_dir: str | Path,
                        device: str | torch.device = "cpu") -> tuple[UNet2DModel, VQModel, dict]:
     """(UNet2DModel, VQModel, record) from a folder written by :func:`convert_ldm_checkpoint`, eval mode, frozen."""
-    from diffusers import UNet2DModel, VQModel  # noqa: F811 (runtime import of the TYPE_CHECKING names)
-
     out_dir = Path(out_dir)
     fix = ("convert the official checkpoint first: `python -m diffinv_pl.priors.compvis convert model.ckpt OUT_DIR` "
            "and pass OUT_DIR")
@@ -448,14 +446,11 @@ def load_converted_ldm(out_dir: str | Path,
     if record.get("format") != RECORD_FORMAT:
         raise UserError(f"{str(out_dir / RECORD_FILE)!r} has format {record.get('format')!r}, not {RECORD_FORMAT!r}: "
                         f"{fix}")
-    try:
-        unet = UNet2DModel.from_pretrained(out_dir / "unet")
-        vq = VQModel.from_pretrained(out_dir / "vqvae")
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise UserError(f"the converted LDM in {str(out_dir)!r} cannot be read ({type(err).__name__}: "
-                        f"{str(err)[:300]}): {fix}") from err
-    unet = unet.to(device).eval().requires_grad_(False)
-    vq = vq.to(device).eval().requires_grad_(False)
+    from diffinv_pl.priors.autoencoders import load_autoencoder
+    from diffinv_pl.priors.diffusers_folder import load_unet
+
+    unet = load_unet(out_dir / "unet", device)  # strict and offline: never random weights
+    vq = load_autoencoder(out_dir / "vqvae", device=device).model.eval().requires_grad_(False)
     return unet, vq, record
 
 

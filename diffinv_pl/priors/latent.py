@@ -280,7 +280,9 @@ def ldm_official_prior(
     if schedule not in LDM_JSON_SCHEDULES:
         raise UserError(f"{root / 'ldm.json'}: beta_schedule {schedule!r} is not supported (diffinv_pl names: "
                         f"{', '.join(LDM_JSON_SCHEDULES)}); re-run the diffinv_pl.priors.compvis converter")
-    unet = UNet2DModel.from_pretrained(str(root / "unet")).to(map_location)
+    from diffinv_pl.priors.diffusers_folder import load_unet  # strict, offline; imports this module
+
+    unet = load_unet(root / "unet", map_location)
     ae = load_autoencoder(root / "vqvae", image_channels=image_channels, data_range=data_range, device=map_location)
     stored = {"latent_channels": int(info["latent_channels"]), "downsample_factor": int(info["downsample_factor"]),
               "image_channels": ae.image_channels}
