@@ -10,7 +10,6 @@ no dropout, no gradient checkpointing, float32. ``attention_resolutions`` are do
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
