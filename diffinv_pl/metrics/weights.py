@@ -22,7 +22,6 @@ Not in the manifest because they ship inside the wheels: the LPIPS v0.1 linear h
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from diffinv_pl.utils.io import file_sha256
 
 ENV_VAR = "DIFFINV_WEIGHTS_DIR"
 
@@ -101,11 +102,7 @@ def search_dirs(weights_dir: str | os.PathLike | None = None) -> list[tuple[str,
 
 @lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -34,7 +34,6 @@ t = 0..999; the U-Net predicts eps for z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pickle
 import re
@@ -48,6 +47,7 @@ import torch
 from torch import Tensor
 
 from diffinv_pl.errors import UserError, UserFileError, report_user_errors
+from diffinv_pl.utils.io import file_sha256
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel, VQModel
@@ -390,14 +390,6 @@ def check_schedule(state: Mapping[str, Tensor], config: LDMConfig) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert_ldm_checkpoint(path: str | Path, out_dir: str | Path, config: LDMConfig | None = None,
                            ema: bool = False) -> Path:
     """Convert a CompVis LDM ``model.ckpt``: ``OUT_DIR/unet/`` and ``OUT_DIR/vqvae/`` (``save_pretrained``) and
@@ -418,7 +410,7 @@ def convert_ldm_checkpoint(path: str | Path, out_dir: str | Path, config: LDMCon
         "scale_factor": float(scale) if scale is not None else 1.0, "latent_channels": config.vq.embed_dim,
         "image_size": config.unet.image_size * downsample, "latent_size": config.unet.image_size,
         "downsample_factor": downsample, "ema": bool(ema), "prediction": "eps",
-        "source": {"file": path.name, "sha256": _sha256(path)},
+        "source": {"file": path.name, "sha256": file_sha256(path)},
         "config": {"unet": asdict(config.unet), "vq": asdict(config.vq)},
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import io
 import json
 import math
@@ -49,6 +48,7 @@ import torch
 from torch import Tensor
 
 from diffinv_pl.errors import UserError, UserFileError, report_user_errors
+from diffinv_pl.utils.io import file_sha256
 from diffinv_pl.priors.base import Prior
 from diffinv_pl.priors.checkpoints import EDM_SIGMA_RANGE, DiffusionPrior, PriorCheckpointDescription
 from diffinv_pl.priors.network import RangeAdaptedPrior
@@ -391,14 +391,6 @@ def load_padis_snapshot(
     return build_padis_network(snap), padis_description(snap, image_size, inference_patch_size)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert_padis_snapshot(
     path: str | Path,
     out_dir: str | Path,
@@ -419,7 +411,7 @@ def convert_padis_snapshot(
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
     info = {
         "format": CONVERTED_FORMAT,
-        "source": {"file": path.name, "sha256": _sha256(path), "class_name": snap.class_name,
+        "source": {"file": path.name, "sha256": file_sha256(path), "class_name": snap.class_name,
                    "precond_kwargs": _plain(snap.precond_kwargs), "loss_params": snap.loss_params},
         "sigma_data": model.sigma_data,
         "prior": desc.to_dict(),

@@ -7,6 +7,7 @@ umask 022), not the 0600 of the temporary file it was written to.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import tempfile
@@ -58,6 +59,15 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], object]) -> Path
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_png(path: str | Path, image: torch.Tensor) -> Path:
