@@ -41,7 +41,8 @@ from torch import Tensor
 
 from diffinv_pl.diffusion.preconditioning import DiscreteVPEpsPrecond, VPEpsPrecond, discrete_vp_sigmas
 from diffinv_pl.errors import UserError, UserFileError
-from diffinv_pl.priors.compvis import convert_legacy_attention, convert_resnet_block, load_strict, refused_global
+from diffinv_pl.priors.compvis import (convert_legacy_attention, convert_resnet_block, convert_stem_and_head,
+                                       load_strict, refused_global)
 from diffinv_pl.priors.latent import DiffusersEpsNet
 from diffinv_pl.priors.network import NetworkPrior, RangeAdaptedPrior
 
@@ -189,13 +190,7 @@ def adm_state_to_diffusers(state: Mapping[str, Tensor], config: ADMConfig) -> di
     stay absent and unused ones are kept as ``<unconverted> name``, so the strict load reports both."""
     out: dict[str, Tensor] = {}
     used: set[str] = set()
-    copy = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-            "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
-    for old, new in copy.items():
-        for p in ("weight", "bias"):
-            if f"{old}.{p}" in state:
-                out[f"{new}.{p}"] = state[f"{old}.{p}"]
-                used.add(f"{old}.{p}")
+    convert_stem_and_head(state, out, used)
 
     def resnet(src: str, dst: str) -> None:
         convert_resnet_block(src, dst, state, out, used)

@@ -243,11 +243,9 @@ def convert_legacy_attention(src: str, dst: str, state: Mapping[str, Tensor], ou
     used.update(names)
 
 
-def unet_state_to_diffusers(state: Mapping[str, Tensor], config: LDMUNetConfig) -> dict[str, Tensor]:
-    """Rename an openaimodel U-Net state dict (no ``model.diffusion_model.`` prefix) to ``UNet2DModel``'s names.
-    Keys that are absent stay absent, so the strict load reports them."""
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
+def convert_stem_and_head(state: Mapping[str, Tensor], out: dict, used: set) -> None:
+    """The layers an openaimodel / guided-diffusion U-Net shares with ``UNet2DModel`` one to one: the time-embedding
+    MLP, the input convolution and the output norm and convolution (absent keys stay absent)."""
     copy = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
     for old, new in copy.items():
@@ -255,6 +253,14 @@ def unet_state_to_diffusers(state: Mapping[str, Tensor], config: LDMUNetConfig) 
             if f"{old}.{p}" in state:
                 out[f"{new}.{p}"] = state[f"{old}.{p}"]
                 used.add(f"{old}.{p}")
+
+
+def unet_state_to_diffusers(state: Mapping[str, Tensor], config: LDMUNetConfig) -> dict[str, Tensor]:
+    """Rename an openaimodel U-Net state dict (no ``model.diffusion_model.`` prefix) to ``UNet2DModel``'s names.
+    Keys that are absent stay absent, so the strict load reports them."""
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    convert_stem_and_head(state, out, used)
 
     def attn(src: str, dst: str) -> None:
         convert_legacy_attention(src, dst, state, out, used, config.num_head_channels)
